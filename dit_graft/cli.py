@@ -1,0 +1,292 @@
+"""The `dit-graft` command line: convert, validate, inspect, eval, operators, recipes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dit_graft.errors import DitGraftError, InputError, RecipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert pretrained Diffusion Transformers into cheaper students.")
+console = Console(stderr=True)
+out_console = Console(width=None if sys.stdout.isatty() else 140)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _load_teacher(recipe, recipe_path: Path, meta: bool):
+    from dit_graft.loading import load_model, resolve_source
+    from dit_graft.recipe import recipe_dir
+
+    source = resolve_source(recipe.model.source, recipe_dir(recipe_path))
+    return source, load_model(source, recipe.model.subfolder, meta=meta, num_heads=recipe.model.num_heads)
+
+
+def _plan(model, recipe):
+    from dit_graft.families import family_for
+    from dit_graft.plan import plan
+
+    try:
+        family_for(model)
+    except KeyError as e:
+        raise RecipeError(f"model: {e.args[0]}") from None
+    return plan(model, recipe)
+
+
+def _cost(model, resolution: int | None = None) -> dict[str, Any]:
+    """Parameters and forward FLOPs per image (total and per attention site), on the model's device."""
+    from dit_graft.families import count_flops, family_for, param_count
+
+    family = family_for(model)
+    device = next(model.parameters()).device
+    total, per_module = count_flops(model, family.example_inputs(model, 1, resolution, device))
+    attn = {s.path: per_module.get(s.path, 0) for s in family.sites(model) if s.kind == "attention"}
+    return {"params": param_count(model), "flops": total, "attention_flops": attn}
+
+
+def _print_plan(graft_plan, before: dict, after: dict) -> None:
+    table = Table(title="graft plan", show_lines=False)
+    for col in ("edit", "module", "old → new", "attn FLOPs before", "after"):
+        table.add_column(col, no_wrap=True)
+    for e in graft_plan.edits:
+        for m in e.modules:
+            fb = before["attention_flops"].get(m.path)
+            fa = after["attention_flops"].get(m.path)
+            table.add_row(str(e.index), m.path, f"{m.old} → {m.new}",
+                          _fmt(fb) if fb is not None else "-", _fmt(fa) if fa is not None else "-")
+    out_console.print(table)
+    summary = Table(title="cost per image")
+    for col in ("", "teacher", "student", "ratio"):
+        summary.add_column(col)
+    attn_b, attn_a = sum(before["attention_flops"].values()), sum(after["attention_flops"].values())
+    for name, b, a in (("parameters", before["params"], after["params"]), ("FLOPs", before["flops"], after["flops"]),
+                       ("attention FLOPs", attn_b, attn_a)):
+        summary.add_row(name, _fmt(b), _fmt(a), f"{a / b:.3f}" if b else "-")
+    out_console.print(summary)
+
+
+def _check_out(out: Path, source) -> None:
+    if isinstance(source, Path):
+        src = source.resolve()
+        o = out.resolve()
+        if o == src or src in o.parents or (src.is_dir() and o in src.parents and False):
+            raise InputError(f"--out {out}: the output path is the teacher's own path; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "graft.json").is_file():
+        raise InputError(f"--out {out}: exists, is not empty and is not a dit-graft export; refusing to overwrite it")
+
+
+@app.command()
+def convert(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A graft recipe (YAML).")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override KEY=VALUE (dotted path, list indices).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Export directory (default: the recipe's export.out).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only, on the meta device; no weights.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
+) -> None:
+    """Graft, distil and export a student as the recipe says."""
+    from dit_graft.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, set_ or [])
+    out_dir = out or Path(recipe.export.out)
+    if dry_run:
+        _dry_run(recipe, recipe_path)
+        return
+    _convert(recipe, recipe_path, out_dir, resume)
+
+
+def _dry_run(recipe, recipe_path: Path) -> None:
+    import yaml
+
+    from dit_graft.plan import apply
+
+    t0 = time.perf_counter()
+    _, model = _load_teacher(recipe, recipe_path, meta=True)
+    graft_plan = _plan(model, recipe)
+    before = _cost(model)
+    student = apply(model, graft_plan)
+    after = _cost(student)
+    out_console.print("[bold]resolved recipe[/bold]")
+    out_console.print(yaml.safe_dump(recipe.model_dump(), sort_keys=False).rstrip())
+    _print_plan(graft_plan, before, after)
+    out_console.print(f"dry run: no weights loaded ({time.perf_counter() - t0:.1f}s)")
+
+
+def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from dit_graft.distill import distill, write_loss_log
+    from dit_graft.export import export
+    from dit_graft.plan import apply
+
+    t0 = time.perf_counter()
+    source, _ = None, None
+    from dit_graft.loading import resolve_source
+    from dit_graft.recipe import recipe_dir
+
+    source = resolve_source(recipe.model.source, recipe_dir(recipe_path))
+    _check_out(out_dir, source)
+    _, teacher = _load_teacher(recipe, recipe_path, meta=False)
+    graft_plan = _plan(teacher, recipe)
+    student = apply(teacher, graft_plan)
+    before, after = _cost(teacher), _cost(student)
+    console.print(f"teacher {recipe.model.source}: {_fmt(before['params'])} params; "
+                  f"{sum(len(e.modules) for e in graft_plan.edits)} modules grafted; "
+                  f"attention FLOPs ×{sum(after['attention_flops'].values()) / max(sum(before['attention_flops'].values()), 1):.3f}")
+    work_dir = out_dir.with_name(f".{out_dir.name}.work")
+    if not resume:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        pool_task = progress.add_task("teacher samples", total=recipe.distill.pool_size, info="")
+        train_task = progress.add_task("distill", total=recipe.distill.steps, info="")
+
+        def report(done, total, loss=None):
+            if loss is None:
+                progress.update(pool_task, completed=done)
+            else:
+                progress.update(train_task, completed=done, info=f"loss {loss:.4g}")
+
+        result = distill(teacher, student, recipe.distill, work_dir, resume=resume, progress=report)
+    write_loss_log(result.log, work_dir)
+    metrics = {
+        "steps": result.steps,
+        "final_loss": round(result.log[-1]["loss"], 6) if result.log else None,
+        "skipped_steps": result.skipped,
+        "params_teacher": before["params"],
+        "params_student": after["params"],
+        "flops_per_image_teacher": before["flops"],
+        "flops_per_image_student": after["flops"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    extra = {n: work_dir / n for n in ("loss.csv", "loss.json", "loss.png")}
+    export(student, graft_plan, recipe.model_dump(), out_dir, metrics, extra, recipe.export.dtype)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    out_console.print(f"exported {out_dir} in {metrics['seconds']}s (final loss {metrics['final_loss']})")
+
+
+@app.command()
+def validate(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override KEY=VALUE.")] = None,
+) -> None:
+    """Check a recipe against the model's real modules, loading no weights."""
+    from dit_graft.plan import apply
+    from dit_graft.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, set_ or [])
+    _, model = _load_teacher(recipe, recipe_path, meta=True)
+    graft_plan = _plan(model, recipe)
+    apply(model, graft_plan)
+    n = sum(len(e.modules) for e in graft_plan.edits)
+    out_console.print(f"{recipe_path}: ok — {len(graft_plan.edits)} edit(s), {n} module(s) on {graft_plan.base_class}")
+
+
+@app.command()
+def inspect(
+    source: Annotated[str, typer.Argument(metavar="PATH_OR_ID", help="A model/pipeline/export directory, checkpoint, bundled:NAME or hub id.")],
+    resolution: Annotated[int | None, typer.Option(help="Input size in the model's sample units.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Blocks, attention kind per site, parameters and FLOPs per image."""
+    from dit_graft.export import from_pretrained, read_graft
+    from dit_graft.families import family_for
+    from dit_graft.loading import load_model, model_dir, resolve_source
+
+    src = resolve_source(source)
+    graft = None
+    if isinstance(src, Path) and src.is_dir():
+        graft = read_graft(model_dir(src))
+    model = from_pretrained(src) if graft is not None else load_model(src, meta=True)
+    family = family_for(model)
+    cost = _cost(model, resolution)
+    ops = graft["operators"] if graft else {}
+    sites = []
+    for s in family.sites(model):
+        if s.kind == "attention":
+            sites.append({"path": s.path, "layer": s.layer, "operator": ops.get(s.path, "softmax"),
+                          "flops": cost["attention_flops"].get(s.path, 0)})
+    info = {"class": type(model).__name__, "family": family.name, "layers": family.num_layers(model),
+            "params": cost["params"], "flops_per_image": cost["flops"], "attention": sites}
+    if as_json:
+        print(json.dumps(info))
+        return
+    table = Table(title=f"{source} — {info['class']} ({family.name}), {info['layers']} blocks")
+    for col in ("site", "operator", "FLOPs"):
+        table.add_column(col)
+    for s in sites:
+        table.add_row(s["path"], s["operator"], _fmt(s["flops"]))
+    out_console.print(table)
+    out_console.print(f"parameters {_fmt(info['params'])}, FLOPs per image {_fmt(info['flops_per_image'])}")
+
+
+@app.command()
+def operators() -> None:
+    """List every operator with its site, a one-line description and its options."""
+    from dit_graft.operators import OPERATORS
+
+    table = Table(title="operators")
+    for col in ("name", "site", "description", "options"):
+        table.add_column(col)
+    for name, op in OPERATORS.items():
+        opts = ", ".join(f"{k}={f.default!r}" for k, f in op.options.model_fields.items())
+        table.add_row(name, op.site, op.summary, opts)
+    out_console.print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    from dit_graft.recipe import bundled_recipes
+
+    for path in bundled_recipes():
+        out_console.print(f"{path}")
+
+
+def main() -> None:
+    """Entry point: one-line errors with distinct exit codes (2 input, 3 integrity, 4 divergence)."""
+    try:
+        app(standalone_mode=False)
+    except DitGraftError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted: rerun with --resume to continue from the last checkpoint")
+        sys.exit(130)
+    except (typer.Abort, typer.Exit) as e:
+        sys.exit(getattr(e, "exit_code", 1))
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Loading teachers and checkpoints: diffusers directories, pipeline directories, hub ids, original DiT.
+
+Every weight file is read without unpickling (safetensors; `.pt` only through
+`torch.load(weights_only=True)`), and every key and shape is checked before the model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from dit_graft.errors import IntegrityError, RecipeError
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_PREFIX = "bundled:"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def bundled_models() -> list[str]:
+    """Names of the models that ship inside the package (usable as `bundled:NAME`)."""
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
+
+
+def resolve_source(source: str, base_dir: Path | None = None) -> str | Path:
+    """A recipe's `model.source` → a local Path (model dir, pipeline dir or checkpoint file) or a hub id."""
+    if source.startswith(BUNDLED_PREFIX):
+        name = source[len(BUNDLED_PREFIX) :]
+        path = ASSETS / name
+        if not (path / "config.json").is_file():
+            raise IntegrityError(f"bundled model {name!r} not found (have: {', '.join(bundled_models()) or 'none'})")
+        return path
+    path = Path(source).expanduser()
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    if path.exists():
+        return path.resolve()
+    if _HUB_ID.match(source) and not source.startswith((".", "/")):
+        return source
+    raise IntegrityError(f"model source {source!r}: no such file or directory")
+
+
+def model_dir(path: Path, subfolder: str | None = None) -> Path:
+    """The directory holding config.json: the path itself, its `subfolder`, or a pipeline's transformer/."""
+    if subfolder:
+        path = path / subfolder
+    if (path / "config.json").is_file():
+        return path
+    if (path / "model_index.json").is_file() and (path / "transformer" / "config.json").is_file():
+        return path / "transformer"
+    raise IntegrityError(f"{path}: no config.json (neither a diffusers model directory nor a pipeline directory)")
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{directory / 'config.json'}: unreadable config ({e})") from None
+    if "_class_name" not in config:
+        raise IntegrityError(f"{directory / 'config.json'}: no _class_name (not a diffusers config)")
+    return config
+
+
+def model_class(class_name: str) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise RecipeError(f"unknown diffusers class {class_name!r}")
+    return cls
+
+
+def build_from_config(config: dict[str, Any], meta: bool = False) -> nn.Module:
+    """Instantiates the config's diffusers class with random weights, or on the meta device."""
+    cls = model_class(config["_class_name"])
+    if meta:
+        with init_empty_weights(include_buffers=True):
+            return cls.from_config(config)
+    return cls.from_config(config)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise IntegrityError(f"{index}: unreadable index ({e})") from None
+        return [directory / n for n in names]
+    single = directory / WEIGHTS_NAME
+    if not single.is_file():
+        if (directory / "diffusion_pytorch_model.bin").is_file():
+            raise IntegrityError(f"{directory}: only a pickled .bin checkpoint; convert it to safetensors first")
+        raise IntegrityError(f"{single}: missing weights file")
+    return [single]
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file; truncated or corrupt files raise IntegrityError naming the file."""
+    if not path.is_file():
+        raise IntegrityError(f"{path}: missing weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise IntegrityError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Loads `state` strictly: every key present, none extra, every shape equal; errors name the key."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing:
+        raise IntegrityError(f"{where}: missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
+    if extra:
+        raise IntegrityError(f"{where}: unexpected key {extra[0]}" + (f" (+{len(extra) - 1} more)" if extra[1:] else ""))
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise IntegrityError(f"{where}: {k} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    state: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(directory):
+        state.update(read_safetensors(f))
+    load_state_dict_checked(model, state, str(directory))
+
+
+def load_model(source: str | Path, subfolder: str | None = None, meta: bool = False, num_heads: int | None = None):
+    """Loads a diffusers transformer from a local directory, an original DiT checkpoint or a hub id.
+
+    With `meta=True` only the config is read and the model lives on the meta device (no weights).
+    """
+    if isinstance(source, str):
+        return _load_hub(source, subfolder, meta)
+    if source.is_file():
+        from dit_graft.families.dit_original import load_original_dit
+
+        if meta:
+            with torch.device("meta"):
+                return load_original_dit(source, num_heads=num_heads)
+        return load_original_dit(source, num_heads=num_heads)
+    directory = model_dir(source, subfolder)
+    model = build_from_config(read_config(directory), meta=meta)
+    if not meta:
+        load_weights(model, directory)
+    return model.eval()
+
+
+def _load_hub(repo_id: str, subfolder: str | None, meta: bool):
+    """Hub ids go through diffusers' own loader (needs network or a populated HF cache)."""
+    from huggingface_hub import hf_hub_download
+
+    sub = subfolder if subfolder is not None else "transformer"
+    try:
+        config_path = hf_hub_download(repo_id, "config.json", subfolder=sub or None)
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types; report the first line
+        raise IntegrityError(f"hub id {repo_id!r}: could not fetch config.json ({str(e).splitlines()[0]})") from None
+    config = json.loads(Path(config_path).read_text())
+    if meta:
+        return build_from_config(config, meta=True)
+    cls = model_class(config["_class_name"])
+    try:
+        return cls.from_pretrained(repo_id, subfolder=sub or None).eval()
+    except Exception as e:  # noqa: BLE001
+        raise IntegrityError(f"hub id {repo_id!r}: could not load weights ({str(e).splitlines()[0]})") from None

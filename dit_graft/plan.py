@@ -1,0 +1,182 @@
+"""Planning and applying grafts.
+
+`plan()` resolves a recipe's edits against a model's real module names into a `GraftPlan` — pure,
+JSON-serialisable data with no weights — and `apply()` is the one generic walker that swaps modules:
+it builds every replacement first and mutates the model only when all of them were built.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from pydantic import BaseModel
+from torch import nn
+
+from dit_graft import __version__
+from dit_graft.errors import RecipeError
+from dit_graft.families import Family, family_for
+from dit_graft.operators import OPERATORS
+from dit_graft.recipe import GraftEdit, Recipe
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+_EVERY = re.compile(r"^every:(\d+)(?::(\d+))?$")
+
+
+class PlannedModule(BaseModel):
+    """One module an edit touches: its path, layer, the operator it had and the one it gets."""
+
+    path: str
+    layer: int
+    old: str
+    new: str
+
+
+class PlannedEdit(BaseModel):
+    """A recipe edit resolved to concrete layers and modules."""
+
+    index: int
+    site: str
+    op: str
+    options: dict[str, Any]
+    layers: list[int]
+    modules: list[PlannedModule]
+
+
+class GraftPlan(BaseModel):
+    """Everything needed to rebuild a student from its base config: the recorded state of a graft."""
+
+    dit_graft_version: str = __version__
+    family: str
+    base_class: str
+    num_layers: int
+    edits: list[PlannedEdit]
+
+    def operators_by_site(self) -> dict[str, str]:
+        """The final operator of every touched module (later edits win)."""
+        out: dict[str, str] = {}
+        for e in self.edits:
+            for m in e.modules:
+                out[m.path] = m.new
+        return out
+
+
+def select_layers(spec: str | int | list[int], num_layers: int, where: str) -> list[int]:
+    """Resolves a layer selector: an index, a list, "all", "A-B" (inclusive), "every:K[:OFFSET]", "1,3,5-7"."""
+    if isinstance(spec, bool):
+        raise RecipeError(f"{where}: layers must be an index, a list, a range or 'all'")
+    if isinstance(spec, int):
+        chosen = [spec]
+    elif isinstance(spec, list):
+        chosen = list(spec)
+    else:
+        s = spec.strip()
+        if s == "all":
+            chosen = list(range(num_layers))
+        elif m := _EVERY.match(s):
+            k, offset = int(m.group(1)), int(m.group(2) or 0)
+            if k < 1:
+                raise RecipeError(f"{where}: every:K needs K ≥ 1")
+            chosen = list(range(offset, num_layers, k))
+        else:
+            chosen = []
+            for part in s.split(","):
+                part = part.strip()
+                if m := _RANGE.match(part):
+                    a, b = int(m.group(1)), int(m.group(2))
+                    if a > b:
+                        raise RecipeError(f"{where}: empty range {part!r}")
+                    chosen.extend(range(a, b + 1))
+                elif part.isdigit():
+                    chosen.append(int(part))
+                else:
+                    raise RecipeError(f"{where}: cannot read layer selector {spec!r} (use all, A-B, every:K or a list)")
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise RecipeError(f"{where}: layer {bad[0]} out of range (the model has layers 0-{num_layers - 1})")
+    if not chosen:
+        raise RecipeError(f"{where}: selector {spec!r} matches no layer")
+    return sorted(set(chosen))
+
+
+def _describe_current(model: nn.Module, path: str, kind: str, current: dict[str, str]) -> str:
+    if path in current:
+        return current[path]
+    if kind == "attention":
+        return "softmax"
+    return type(model.get_submodule(path)).__name__
+
+
+def plan(model: nn.Module, recipe: Recipe) -> GraftPlan:
+    """Resolves the recipe's graft edits against `model` (which may live on the meta device)."""
+    family = family_for(model)
+    num_layers = family.num_layers(model)
+    sites = family.sites(model)
+    current: dict[str, str] = {}
+    edits = []
+    for i, edit in enumerate(recipe.graft):
+        edits.append(_plan_edit(model, i, edit, sites, num_layers, current))
+    return GraftPlan(family=family.name, base_class=type(model).__name__, num_layers=num_layers, edits=edits)
+
+
+def _plan_edit(model, index: int, edit: GraftEdit, sites, num_layers: int, current: dict[str, str]) -> PlannedEdit:
+    where = f"graft.{index}.layers"
+    layers = select_layers(edit.layers, num_layers, where)
+    modules = []
+    for site in sites:
+        if site.kind == edit.site and site.layer in layers:
+            old = _describe_current(model, site.path, site.kind, current)
+            modules.append(PlannedModule(path=site.path, layer=site.layer, old=old, new=edit.op))
+            current[site.path] = edit.op
+    if not modules:
+        raise RecipeError(f"{where}: no {edit.site} site in layers {layers}")
+    return PlannedEdit(index=index, site=edit.site, op=edit.op, options=edit.options, layers=layers, modules=modules)
+
+
+def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.Module:
+    """Applies a plan: returns a student (a deep copy unless `inplace`), all edits or none.
+
+    Every replacement is built before the first swap, so a failing builder leaves the model as it
+    was. The teacher's parameters stay where they are, so everything not specific to a new operator
+    is inherited.
+    """
+    family: Family = family_for(model)
+    student = model if inplace else copy.deepcopy(model)
+    family.install_grid(student)
+    sites = family.site_map(student)
+    swaps: list[tuple[str, str, nn.Module | None]] = []
+    for edit in graft_plan.edits:
+        op = OPERATORS.get(edit.op)
+        options = op.parse_options(edit.options)
+        for m in edit.modules:
+            if m.path not in sites:
+                raise RecipeError(f"graft.{edit.index}: module {m.path} does not exist in this model")
+            old = student.get_submodule(m.path)
+            try:
+                new = op.build(old, sites[m.path], options)
+            except ValueError as e:
+                raise RecipeError(f"graft.{edit.index}.options: {m.path}: {e}") from None
+            swaps.append((m.path, op.installs, new))
+    for path, installs, new in swaps:
+        old = student.get_submodule(path)
+        if installs == "processor":
+            if new is None:
+                from diffusers.models.attention_processor import AttnProcessor2_0
+
+                old.set_processor(AttnProcessor2_0())
+            else:
+                old.set_processor(new.to(device=_device_of(old), dtype=_dtype_of(old)))
+        else:
+            parent_path, _, name = path.rpartition(".")
+            parent = student.get_submodule(parent_path) if parent_path else student
+            setattr(parent, name, new)
+    return student
+
+
+def _device_of(module: nn.Module):
+    return next(module.parameters()).device
+
+
+def _dtype_of(module: nn.Module):
+    return next(module.parameters()).dtype

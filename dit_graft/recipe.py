@@ -1,0 +1,223 @@
+"""Recipes: YAML → a typed, validated `Recipe` before any weight is loaded.
+
+Unknown keys are rejected; every error names the file, the line and the key path. `--set` overrides
+take dotted paths with list indices (`graft.0.options.heads=2`) and must name an existing key of the
+resolved recipe (defaults included).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dit_graft.errors import RecipeError
+from dit_graft.operators import OPERATORS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Strict):
+    """Where the teacher comes from."""
+
+    source: str = Field(description="bundled:NAME, a diffusers model/pipeline directory, a checkpoint file or a hub id")
+    subfolder: str | None = None
+    num_heads: int | None = Field(default=None, ge=1, description="heads, for original DiT checkpoints only")
+
+
+class GraftEdit(Strict):
+    """One edit: put operator `op` into the `site` of the selected `layers`."""
+
+    site: Literal["attention", "mlp"]
+    layers: str | int | list[int] = "all"
+    op: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("op")
+    @classmethod
+    def _known_op(cls, op: str) -> str:
+        if op not in OPERATORS:
+            raise ValueError(f"unknown operator {op!r} (known: {', '.join(OPERATORS)})")
+        return op
+
+
+class Losses(Strict):
+    """Weights of the hybrid distillation loss terms (0 disables a term)."""
+
+    eps_mse: float = Field(default=1.0, ge=0, description="noise prediction MSE to the teacher")
+    sigma_mse: float = Field(default=1.0, ge=0, description="learned-variance channels MSE to the teacher")
+    feature_mse: float = Field(default=0.0, ge=0, description="MSE of every block's output to the teacher's")
+    task: float = Field(default=0.0, ge=0, description="ground-truth diffusion loss (student eps vs true noise)")
+
+
+class DistillSection(Strict):
+    """The distillation run."""
+
+    steps: int = Field(default=600, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup: int = Field(default=50, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    grad_accum: int = Field(default=1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    data: Literal["teacher", "dataset"] = "teacher"
+    dataset: str | None = Field(default=None, description="for data: dataset — 'digits' (the bundled data)")
+    pool_size: int = Field(default=512, ge=1, description="teacher-generated samples to noise (data: teacher)")
+    pool_steps: int = Field(default=25, ge=1, description="DDIM steps used to generate the pool")
+    null_class_prob: float = Field(default=0.1, ge=0, le=1)
+    losses: Losses = Field(default_factory=Losses)
+    checkpoint_every: int = Field(default=100, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    max_bad_steps: int = Field(default=5, ge=1, description="consecutive non-finite losses before giving up")
+
+
+class ExportSection(Strict):
+    """Where and how the student is written."""
+
+    out: str = "runs/student"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class Recipe(Strict):
+    """A graft recipe: model, graft edits, distillation and export."""
+
+    name: str | None = None
+    description: str | None = None
+    model: ModelSection
+    graft: list[GraftEdit] = Field(min_length=1)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Maps key paths (tuples of str/int) to 1-based line numbers in the YAML text."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                lines[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
+                lines[path + (k.value,)] = k.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _where(source: str, lines: dict[tuple, int], path: tuple) -> str:
+    for i in range(len(path), -1, -1):
+        if path[:i] in lines:
+            return f"{source}:{lines[path[:i]]}"
+    return source
+
+
+def _validation_error(e: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = ()) -> RecipeError:
+    err = e.errors()[0]
+    loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    return RecipeError(f"{_where(source, lines, loc)}: {dotted(loc) or '(top level)'}: {msg}")
+
+
+def validate(data: Any, source: str = "<recipe>", lines: dict[tuple, int] | None = None) -> Recipe:
+    """Validates a plain-data recipe; operator options are parsed by their operator and filled in."""
+    lines = lines or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with model, graft, distill and export sections")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e, source, lines) from None
+    for i, edit in enumerate(recipe.graft):
+        op = OPERATORS.get(edit.op)
+        if op.site != edit.site:
+            raise RecipeError(f"{_where(source, lines, ('graft', i, 'op'))}: graft.{i}.op: operator {edit.op!r} "
+                              f"goes into {op.site} sites, not {edit.site}")
+        try:
+            edit.options = op.parse_options(edit.options).model_dump()
+        except ValidationError as e:
+            raise _validation_error(e, source, lines, ("graft", i, "options")) from None
+    return recipe
+
+
+def _parse_override(item: str) -> tuple[list[str | int], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set {item}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    path = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Returns a copy of `data` with each KEY=VALUE set; the key path must already exist."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node: Any = data
+        for depth, p in enumerate(path):
+            here = ".".join(str(x) for x in path[: depth + 1])
+            last = depth == len(path) - 1
+            if isinstance(node, dict) and p in node:
+                if last:
+                    node[p] = value
+                else:
+                    node = node[p]
+            elif isinstance(node, list) and isinstance(p, int) and p < len(node):
+                if last:
+                    node[p] = value
+                else:
+                    node = node[p]
+            else:
+                keys = ", ".join(map(str, node)) if isinstance(node, dict) else f"0..{len(node) - 1}"
+                raise RecipeError(f"--set {item}: no key {here} (there: {keys})")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Reads, validates and overrides a recipe file; the result is fully resolved (defaults filled)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    recipe = validate(data, str(path), _line_index(text))
+    if overrides:
+        recipe = validate(apply_overrides(recipe.model_dump(), overrides), f"{path} (after --set)")
+    return recipe
+
+
+def recipe_dir(path: str | Path) -> Path:
+    return Path(path).resolve().parent

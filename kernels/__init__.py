@@ -1,0 +1,6 @@
+"""dit_graft.kernels: attention kernels (Triton on CUDA, PyTorch references everywhere)."""
+
+from .block_sparse import block_sparse_attention, topk_block_index
+from .linear_attention import linear_attention
+
+__all__ = ["block_sparse_attention", "linear_attention", "topk_block_index"]
