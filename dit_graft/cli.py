@@ -265,10 +265,10 @@ def recipes() -> None:
         out_console.print(f"{path}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with distinct exit codes (2 input, 3 integrity, 4 divergence)."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except DitGraftError as e:
         if _state["debug"]:
             raise

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,14 @@ from dit_graft.losses import LOSSES, LossInputs
 from dit_graft.recipe import DistillSection
 
 CKPT_PREFIX = "step-"
+# Fault injection for the resume tests: "step:N" or "checkpoint:N" sends SIGKILL to this process
+# right after optimizer step N, or halfway through writing checkpoint N.
+KILL_ENV = "DIT_GRAFT_TEST_KILL"
+
+
+def _maybe_killed(where: str, step: int) -> None:
+    if os.environ.get(KILL_ENV) == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -96,6 +105,7 @@ def save_checkpoint(work_dir: Path, step: int, student, opt, sched, gen: torch.G
     tmp.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(state, str(tmp / "student.safetensors"))
+    _maybe_killed("checkpoint", step)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()},
                tmp / "trainer.pt")
     meta = {"step": step, "skipped": result.skipped, "log": result.log}
@@ -218,12 +228,13 @@ def distill(
                 opt.zero_grad(set_to_none=True)
                 bad += 1
                 result.skipped += 1
-                if bad >= cfg.max_bad_steps:
+                if bad >= cfg.max_bad_steps or step == cfg.steps - 1:
                     raise DivergenceError(
-                        f"distillation diverged: {bad} consecutive non-finite losses at step {step} "
+                        f"distillation diverged: {bad} consecutive non-finite losses up to step {step} "
                         f"(lr={cfg.lr}; lower distill.lr or use mixed_precision: no)"
                     )
             sched.step()
+            _maybe_killed("step", step + 1)
             if finite and (step % cfg.log_every == 0 or step == cfg.steps - 1):
                 total = sum(weights[k] * v for k, v in terms_sum.items())
                 result.log.append({"step": step, "loss": total, **terms_sum, "lr": sched.get_last_lr()[0]})

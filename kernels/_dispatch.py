@@ -32,6 +32,15 @@ def interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in {"1", "true", "on", "yes", "y"}
 
 
+def triton_interpreting() -> bool:
+    """Whether triton itself was imported for the CPU interpreter (TRITON_INTERPRET set before `import triton`)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # Triton's own helpers (tl.zeros, tl.sum) are jit functions too, decorated when triton is imported.
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
 def use_triton(op: str, *tensors: torch.Tensor, unsupported: str | None = None) -> bool:
     """Decides the backend for one call of `op`: True for Triton, False for the naive reference.
 
@@ -61,6 +70,6 @@ def check_launchable(op: str, interpreted: bool, *tensors: torch.Tensor) -> None
     for t in tensors:
         if not t.is_cuda and not interpreted:
             raise ValueError(
-                f"{op}: Triton kernels on {t.device} tensors need TRITON_INTERPRET=1 set before "
-                "the kernel module is first imported"
+                f"{op}: Triton kernels on {t.device} tensors need TRITON_INTERPRET=1 set before triton is first "
+                "imported (anything importing torch._dynamo, diffusers or triton itself may import it)"
             )

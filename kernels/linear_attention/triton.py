@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .._dispatch import check_launchable, interpret_requested
+from .._dispatch import check_launchable, interpret_requested, triton_interpreting
 from . import MAX_TRITON_HEAD_DIM
 
-# Triton decides interpreter-or-GPU when the kernels below are decorated, i.e. when this module is imported.
-INTERPRETED = interpret_requested()
+# Triton decides interpreter-or-GPU when a kernel is decorated: the kernels below now, its own helpers at its import.
+INTERPRETED = interpret_requested() and triton_interpreting()
 
 # Enough programs for the state reduction to fill a large GPU even with one head.
 TARGET_PROGRAMS = 256

@@ -4,9 +4,11 @@ import os
 
 import pytest
 import torch
+from dit_graft.kernels._dispatch import triton_interpreting
 
-# Triton chooses interpreter or GPU when a kernel is decorated, i.e. when a kernels' triton module is first
-# imported, so the variable is set here, before any test module (or test) can import one.
+# Triton chooses interpreter or GPU when a kernel is decorated: its own helpers (tl.zeros, tl.sum) when triton is
+# imported, ours when a kernels' triton module is. This covers runs where nothing imported triton yet; otherwise
+# TRITON_INTERPRET=1 must come from the environment or the top of tests/conftest.py (see triton_backend).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -37,5 +39,10 @@ def nan_filled_empty(monkeypatch):
 def triton_backend(monkeypatch):
     """Forces the Triton kernels and returns the device their inputs belong on."""
     pytest.importorskip("triton")
+    if DEVICE == "cpu" and not triton_interpreting():
+        pytest.fail(
+            "triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU: "
+            "run `TRITON_INTERPRET=1 pytest` or set it at the top of tests/conftest.py, before torch is imported"
+        )
     monkeypatch.setenv("DIT_GRAFT_KERNELS", "triton")
     return DEVICE
