@@ -242,6 +242,45 @@ def inspect(
     out_console.print(f"parameters {_fmt(info['params'])}, FLOPs per image {_fmt(info['flops_per_image'])}")
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="An export, a model directory or bundled:NAME.")],
+    teacher: Annotated[str | None, typer.Option(help="Teacher to compare with (same noise, same classes).")] = None,
+    samples: Annotated[int, typer.Option(min=10, help="Images to generate (class-balanced).")] = 300,
+    steps: Annotated[int, typer.Option(min=1, help="Sampler steps.")] = 50,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.5,
+    seed: Annotated[int, typer.Option(help="Noise and reference-set seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Directory for samples.png, report.md and report.json.")] = None,
+    inception_weights: Annotated[Path | None, typer.Option(help="Inception-v3 weights, for real-dataset FID.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Sample a model; FD and class accuracy on the digits, PSNR and latency against a teacher."""
+    from dit_graft.evaluate import evaluate, sample_grid, write_report
+    from dit_graft.export import from_pretrained
+    from dit_graft.loading import resolve_source
+    from dit_graft.metrics import require_inception_weights
+
+    student = from_pretrained(resolve_source(model))
+    if student.config.in_channels != 1:
+        require_inception_weights(inception_weights)
+        raise InputError("eval: real-dataset FID is not available in this build; the digits metrics need "
+                         "a 1-channel digits model")
+    ref = from_pretrained(resolve_source(teacher)) if teacher else None
+    report, s, t = evaluate(student, ref, samples, steps, cfg, seed)
+    report = {"model": model, "teacher": teacher, **report}
+    if out is not None:
+        write_report(report, sample_grid(s, t), out)
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"eval {model}")
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in report.items():
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out_console.print(table)
+
+
 @app.command()
 def operators() -> None:
     """List every operator with its site, a one-line description and its options."""

@@ -177,8 +177,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     return math.inf if err == 0 else 10.0 * math.log10(data_range**2 / err)
 
 
-def fd_floor(n: int, seed: int = 0, classifier: DigitsClassifier | None = None) -> float:
-    """FD between n random train and n random held-out real images: the floor for generated sets of n images.
+def real_subsets(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random train and n random held-out real images (seeded): the floor pair and the FD reference set.
 
     n must be in [2, 359] (the held-out split's size); larger n raises ValueError rather than reusing images.
     """
@@ -190,9 +190,13 @@ def fd_floor(n: int, seed: int = 0, classifier: DigitsClassifier | None = None) 
     gen = torch.Generator().manual_seed(seed)
     ia = torch.randperm(len(train), generator=gen)[:n]
     ib = torch.randperm(len(heldout), generator=gen)[:n]
-    fa, _ = classify(train.images[ia], classifier)
-    fb, _ = classify(heldout.images[ib], classifier)
-    return frechet_distance(fa, fb)
+    return train.images[ia], heldout.images[ib]
+
+
+def fd_floor(n: int, seed: int = 0, classifier: DigitsClassifier | None = None) -> float:
+    """FD between n random train and n random held-out real images: the floor for generated sets of n images."""
+    train, heldout = real_subsets(n, seed)
+    return frechet_distance(classify(train, classifier)[0], classify(heldout, classifier)[0])
 
 
 def require_inception_weights(path: str | Path | None) -> Path:

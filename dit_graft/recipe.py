@@ -221,3 +221,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_dir(path: str | Path) -> Path:
     return Path(path).resolve().parent
+
+
+def bundled_recipes() -> list[Path]:
+    """The recipes shipped in the repository's recipes/ directory."""
+    root = Path(__file__).resolve().parent.parent / "recipes"
+    return sorted(root.glob("*.yaml")) if root.is_dir() else []
