@@ -15,8 +15,12 @@ from rich.table import Table
 
 from dit_graft.errors import DitGraftError, InputError, RecipeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Convert pretrained Diffusion Transformers into cheaper students.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert pretrained Diffusion Transformers into cheaper students.",
+)
 console = Console(stderr=True)
 out_console = Console(width=None if sys.stdout.isatty() else 140)
 _state = {"debug": False}
@@ -34,11 +38,14 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _load_teacher(recipe, recipe_path: Path, meta: bool):
+def _load_teacher(recipe, recipe_path: Path, meta: bool, check_out: Path | None = None):
+    """Resolves and loads the recipe's teacher; with `check_out`, first refuses a bad output path."""
     from dit_graft.loading import load_model, resolve_source
     from dit_graft.recipe import recipe_dir
 
     source = resolve_source(recipe.model.source, recipe_dir(recipe_path))
+    if check_out is not None:
+        _check_out(check_out, source)
     return source, load_model(source, recipe.model.subfolder, meta=meta, num_heads=recipe.model.num_heads)
 
 
@@ -72,15 +79,23 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
         for m in e.modules:
             fb = before["attention_flops"].get(m.path)
             fa = after["attention_flops"].get(m.path)
-            table.add_row(str(e.index), m.path, f"{m.old} → {m.new}",
-                          _fmt(fb) if fb is not None else "-", _fmt(fa) if fa is not None else "-")
+            table.add_row(
+                str(e.index),
+                m.path,
+                f"{m.old} → {m.new}",
+                _fmt(fb) if fb is not None else "-",
+                _fmt(fa) if fa is not None else "-",
+            )
     out_console.print(table)
     summary = Table(title="cost per image")
     for col in ("", "teacher", "student", "ratio"):
         summary.add_column(col)
     attn_b, attn_a = sum(before["attention_flops"].values()), sum(after["attention_flops"].values())
-    for name, b, a in (("parameters", before["params"], after["params"]), ("FLOPs", before["flops"], after["flops"]),
-                       ("attention FLOPs", attn_b, attn_a)):
+    for name, b, a in (
+        ("parameters", before["params"], after["params"]),
+        ("FLOPs", before["flops"], after["flops"]),
+        ("attention FLOPs", attn_b, attn_a),
+    ):
         summary.add_row(name, _fmt(b), _fmt(a), f"{a / b:.3f}" if b else "-")
     out_console.print(summary)
 
@@ -89,7 +104,7 @@ def _check_out(out: Path, source) -> None:
     if isinstance(source, Path):
         src = source.resolve()
         o = out.resolve()
-        if o == src or src in o.parents or (src.is_dir() and o in src.parents and False):
+        if o == src or src in o.parents or o in src.parents:
             raise InputError(f"--out {out}: the output path is the teacher's own path; choose another directory")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
@@ -101,7 +116,9 @@ def _check_out(out: Path, source) -> None:
 def convert(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A graft recipe (YAML).")],
     set_: Annotated[list[str], typer.Option("--set", help="Override KEY=VALUE (dotted path, list indices).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Export directory (default: the recipe's export.out).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Export directory (default: the recipe's export.out).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only, on the meta device; no weights.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
 ) -> None:
@@ -141,24 +158,26 @@ def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
     from dit_graft.plan import apply
 
     t0 = time.perf_counter()
-    source, _ = None, None
-    from dit_graft.loading import resolve_source
-    from dit_graft.recipe import recipe_dir
-
-    source = resolve_source(recipe.model.source, recipe_dir(recipe_path))
-    _check_out(out_dir, source)
-    _, teacher = _load_teacher(recipe, recipe_path, meta=False)
+    source, teacher = _load_teacher(recipe, recipe_path, meta=False, check_out=out_dir)
     graft_plan = _plan(teacher, recipe)
     student = apply(teacher, graft_plan)
     before, after = _cost(teacher), _cost(student)
-    console.print(f"teacher {recipe.model.source}: {_fmt(before['params'])} params; "
-                  f"{sum(len(e.modules) for e in graft_plan.edits)} modules grafted; "
-                  f"attention FLOPs ×{sum(after['attention_flops'].values()) / max(sum(before['attention_flops'].values()), 1):.3f}")
+    attn_ratio = sum(after["attention_flops"].values()) / max(sum(before["attention_flops"].values()), 1)
+    console.print(
+        f"teacher {recipe.model.source}: {_fmt(before['params'])} params; "
+        f"{sum(len(e.modules) for e in graft_plan.edits)} modules grafted; attention FLOPs ×{attn_ratio:.3f}"
+    )
     work_dir = out_dir.with_name(f".{out_dir.name}.work")
     if not resume:
         shutil.rmtree(work_dir, ignore_errors=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as progress:
         pool_task = progress.add_task("teacher samples", total=recipe.distill.pool_size, info="")
         train_task = progress.add_task("distill", total=recipe.distill.steps, info="")
@@ -206,7 +225,12 @@ def validate(
 
 @app.command()
 def inspect(
-    source: Annotated[str, typer.Argument(metavar="PATH_OR_ID", help="A model/pipeline/export directory, checkpoint, bundled:NAME or hub id.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="PATH_OR_ID", help="A model/pipeline/export directory, checkpoint, bundled:NAME or hub id."
+        ),
+    ],
     resolution: Annotated[int | None, typer.Option(help="Input size in the model's sample units.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -226,10 +250,22 @@ def inspect(
     sites = []
     for s in family.sites(model):
         if s.kind == "attention":
-            sites.append({"path": s.path, "layer": s.layer, "operator": ops.get(s.path, "softmax"),
-                          "flops": cost["attention_flops"].get(s.path, 0)})
-    info = {"class": type(model).__name__, "family": family.name, "layers": family.num_layers(model),
-            "params": cost["params"], "flops_per_image": cost["flops"], "attention": sites}
+            sites.append(
+                {
+                    "path": s.path,
+                    "layer": s.layer,
+                    "operator": ops.get(s.path, "softmax"),
+                    "flops": cost["attention_flops"].get(s.path, 0),
+                }
+            )
+    info = {
+        "class": type(model).__name__,
+        "family": family.name,
+        "layers": family.num_layers(model),
+        "params": cost["params"],
+        "flops_per_image": cost["flops"],
+        "attention": sites,
+    }
     if as_json:
         print(json.dumps(info))
         return
@@ -263,8 +299,9 @@ def eval_(
     student = from_pretrained(resolve_source(model))
     if student.config.in_channels != 1:
         require_inception_weights(inception_weights)
-        raise InputError("eval: real-dataset FID is not available in this build; the digits metrics need "
-                         "a 1-channel digits model")
+        raise InputError(
+            "eval: real-dataset FID is not available in this build; the digits metrics need a 1-channel digits model"
+        )
     ref = from_pretrained(resolve_source(teacher)) if teacher else None
     report, s, t = evaluate(student, ref, samples, steps, cfg, seed)
     report = {"model": model, "teacher": teacher, **report}

@@ -72,8 +72,13 @@ class Schedule:
         mean_p, _ = self.posterior(x0_pred, xt, t)
         mean_q, log_var_q = self.posterior(x0, xt, t)
         log_var_p = self.model_log_variance(v, t)
-        kl = 0.5 * (-1.0 + log_var_p - log_var_q + torch.exp(log_var_q - log_var_p)
-                    + (mean_q - mean_p) ** 2 * torch.exp(-log_var_p))
+        kl = 0.5 * (
+            -1.0
+            + log_var_p
+            - log_var_q
+            + torch.exp(log_var_q - log_var_p)
+            + (mean_q - mean_p) ** 2 * torch.exp(-log_var_p)
+        )
         return kl.mean() / math.log(2.0)
 
 

@@ -106,8 +106,10 @@ def save_checkpoint(work_dir: Path, step: int, student, opt, sched, gen: torch.G
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(state, str(tmp / "student.safetensors"))
     _maybe_killed("checkpoint", step)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()},
-               tmp / "trainer.pt")
+    torch.save(
+        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state()},
+        tmp / "trainer.pt",
+    )
     meta = {"step": step, "skipped": result.skipped, "log": result.log}
     (tmp / "state.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
@@ -153,7 +155,9 @@ class _BlockOutputs:
 def lr_lambda(cfg: DistillSection):
     """Linear warmup, then cosine decay to 10% of the peak."""
     total = max(cfg.steps, 1)
-    return lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return lambda s: (
+        min(1.0, (s + 1) / max(cfg.warmup, 1)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, total) / total)))
+    )
 
 
 def distill(
@@ -208,8 +212,9 @@ def distill(
                     t_out = family.forward(teacher, xt, t, y)
                 with accelerator.autocast():
                     s_out = family.forward(student, xt, t, y)
-                batch = LossInputs(s_out, t_out, noise, s_hooks.take() if s_hooks else [],
-                                   t_hooks.take() if t_hooks else [])
+                batch = LossInputs(
+                    s_out, t_out, noise, s_hooks.take() if s_hooks else [], t_hooks.take() if t_hooks else []
+                )
                 terms = {k: LOSSES.get(k)(batch) for k in weights}
                 loss = sum(weights[k] * v for k, v in terms.items()) / cfg.grad_accum
                 if not torch.isfinite(loss):

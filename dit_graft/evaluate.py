@@ -42,8 +42,11 @@ def sample(model: nn.Module, n: int, steps: int, cfg: float, seed: int = 0, batc
     device = next(model.parameters()).device
     out, t0 = [], time.perf_counter()
     for i in range(0, n, batch):
-        out.append(family.sample(model, noise[i : i + batch].to(device), labels[i : i + batch].to(device),
-                                 steps=steps, cfg=cfg).cpu())
+        out.append(
+            family.sample(
+                model, noise[i : i + batch].to(device), labels[i : i + batch].to(device), steps=steps, cfg=cfg
+            ).cpu()
+        )
     return Samples(torch.cat(out), labels, time.perf_counter() - t0)
 
 
@@ -76,17 +79,28 @@ def quality(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict[s
 def evaluate(model: nn.Module, teacher: nn.Module | None, samples: int, steps: int, cfg: float, seed: int = 0):
     """All eval numbers for `model` (and its fidelity to `teacher`), plus the samples for the grid."""
     s = sample(model, samples, steps, cfg, seed)
-    report: dict[str, Any] = {"samples": samples, "steps": steps, "cfg": cfg, "seed": seed, **quality(s.images, s.labels, seed)}
+    report: dict[str, Any] = {
+        "samples": samples,
+        "steps": steps,
+        "cfg": cfg,
+        "seed": seed,
+        **quality(s.images, s.labels, seed),
+    }
     report["seconds"] = s.seconds
     t = None
     if teacher is not None:
         t = sample(teacher, samples, steps, cfg, seed)
         tq = quality(t.images, t.labels, seed)
-        report.update({
-            "teacher_fd": tq["fd"], "teacher_accuracy": tq["accuracy"],
-            "psnr_to_teacher": psnr(s.images, t.images), "mse_to_teacher": mse(s.images, t.images),
-            "teacher_seconds": t.seconds, "latency_ratio": s.seconds / t.seconds,
-        })
+        report.update(
+            {
+                "teacher_fd": tq["fd"],
+                "teacher_accuracy": tq["accuracy"],
+                "psnr_to_teacher": psnr(s.images, t.images),
+                "mse_to_teacher": mse(s.images, t.images),
+                "teacher_seconds": t.seconds,
+                "latency_ratio": s.seconds / t.seconds,
+            }
+        )
     else:
         report.update({"psnr_to_teacher": None, "mse_to_teacher": None, "latency_ratio": None})
     return report, s, t
@@ -99,7 +113,11 @@ def sample_grid(student: Samples, teacher: Samples | None, per_class: int = 8, c
         rows = []
         for c in range(classes):
             imgs = s.images[s.labels == c][:per_class]
-            imgs = torch.cat([imgs, -torch.ones(per_class - len(imgs), *imgs.shape[1:])]) if len(imgs) < per_class else imgs
+            imgs = (
+                torch.cat([imgs, -torch.ones(per_class - len(imgs), *imgs.shape[1:])])
+                if len(imgs) < per_class
+                else imgs
+            )
             rows.append(torch.cat(list(imgs[:, 0]), dim=1))  # (H, per_class * W)
         return ((torch.cat(rows, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
 
@@ -112,7 +130,11 @@ def write_report(report: dict[str, Any], grid: np.ndarray, out: Path, scale: int
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(out / "samples.png")
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
+        out / "samples.png"
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items())
-    (out / "report.md").write_text(f"# dit-graft eval\n\n| metric | value |\n|---|---|\n{rows}\n\n![samples](samples.png)\n")
+    (out / "report.md").write_text(
+        f"# dit-graft eval\n\n| metric | value |\n|---|---|\n{rows}\n\n![samples](samples.png)\n"
+    )

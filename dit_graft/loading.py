@@ -120,9 +120,13 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], wh
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
     if missing:
-        raise IntegrityError(f"{where}: missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
+        raise IntegrityError(
+            f"{where}: missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else "")
+        )
     if extra:
-        raise IntegrityError(f"{where}: unexpected key {extra[0]}" + (f" (+{len(extra) - 1} more)" if extra[1:] else ""))
+        raise IntegrityError(
+            f"{where}: unexpected key {extra[0]}" + (f" (+{len(extra) - 1} more)" if extra[1:] else "")
+        )
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise IntegrityError(f"{where}: {k} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")

@@ -50,7 +50,7 @@ def sigma_mse(b: LossInputs) -> torch.Tensor:
 @LOSSES.register("feature_mse")
 def feature_mse(b: LossInputs) -> torch.Tensor:
     """Mean over blocks of the MSE between student and teacher block outputs."""
-    pairs = list(zip(b.student_features, b.teacher_features))
+    pairs = list(zip(b.student_features, b.teacher_features, strict=True))
     return sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / max(len(pairs), 1)
 
 

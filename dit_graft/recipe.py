@@ -154,8 +154,10 @@ def validate(data: Any, source: str = "<recipe>", lines: dict[tuple, int] | None
     for i, edit in enumerate(recipe.graft):
         op = OPERATORS.get(edit.op)
         if op.site != edit.site:
-            raise RecipeError(f"{_where(source, lines, ('graft', i, 'op'))}: graft.{i}.op: operator {edit.op!r} "
-                              f"goes into {op.site} sites, not {edit.site}")
+            raise RecipeError(
+                f"{_where(source, lines, ('graft', i, 'op'))}: graft.{i}.op: operator {edit.op!r} "
+                f"goes into {op.site} sites, not {edit.site}"
+            )
         try:
             edit.options = op.parse_options(edit.options).model_dump()
         except ValidationError as e:

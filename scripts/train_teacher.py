@@ -27,8 +27,15 @@ from dit_graft.families.dit import freeze_label_dropout
 def digits_dit_config(size: int = 16) -> dict:
     """6 blocks, hidden 128 (4 heads x 32), patch 2 on 16x16 pixels: an 8x8 token grid, 2.2M params."""
     return dict(
-        num_attention_heads=4, attention_head_dim=32, in_channels=1, out_channels=2, num_layers=6,
-        sample_size=size, patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=1,
+        out_channels=2,
+        num_layers=6,
+        sample_size=size,
+        patch_size=2,
+        num_embeds_ada_norm=NUM_CLASSES,
+        norm_type="ada_norm_zero",
     )
 
 
@@ -71,7 +78,7 @@ def main() -> None:
         opt.step()
         sched.step()
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - args.ema)
         if step % 50 == 0 or step == args.steps - 1:
             log.append(dict(step=step, loss=loss.item(), mse=mse.item(), vb=vb.item(), s=time.time() - t0))

@@ -10,8 +10,15 @@ import yaml
 from diffusers import DiTTransformer2DModel
 
 TINY_DIT = dict(
-    num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=2,
-    sample_size=8, patch_size=2, num_embeds_ada_norm=4, norm_type="ada_norm_zero",
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=1,
+    out_channels=2,
+    num_layers=2,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=4,
+    norm_type="ada_norm_zero",
 )
 
 
@@ -39,8 +46,16 @@ def tiny_recipe(source: Path | str, out: Path | str, **distill) -> dict:
         "name": "tiny",
         "model": {"source": str(source)},
         "graft": [{"site": "attention", "layers": "all", "op": "linear", "options": {"dwconv": 3}}],
-        "distill": {"steps": 4, "batch_size": 4, "pool_size": 8, "pool_steps": 2, "warmup": 1,
-                    "checkpoint_every": 2, "log_every": 1, **distill},
+        "distill": {
+            "steps": 4,
+            "batch_size": 4,
+            "pool_size": 8,
+            "pool_steps": 2,
+            "warmup": 1,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            **distill,
+        },
         "export": {"out": str(out)},
     }
 

@@ -32,7 +32,12 @@ def test_convert_end_to_end_on_a_tiny_model(tmp_path, tiny_dit_dir, write_recipe
     code, stdout, stderr = run_cli(["convert", write_recipe(tiny_recipe(tiny_dit_dir, out))], capsys)
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "config.json", "diffusion_pytorch_model.safetensors", "graft.json", "loss.csv", "loss.json",
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "graft.json",
+        "loss.csv",
+        "loss.json",
         "loss.png",
     ]
     graft = json.loads((out / "graft.json").read_text())
@@ -42,7 +47,9 @@ def test_convert_end_to_end_on_a_tiny_model(tmp_path, tiny_dit_dir, write_recipe
     student = dit_graft.from_pretrained(out)
     assert type(student.transformer_blocks[0].attn1.processor).__name__ == "LinearAttnProcessor"
     # converting again into the same export directory replaces it
-    code, _, stderr = run_cli(["convert", write_recipe(tiny_recipe(tiny_dit_dir, out)), "--set", "distill.steps=2"], capsys)
+    code, _, stderr = run_cli(
+        ["convert", write_recipe(tiny_recipe(tiny_dit_dir, out)), "--set", "distill.steps=2"], capsys
+    )
     assert code == 0, stderr
     assert json.loads((out / "graft.json").read_text())["metrics"]["steps"] == 2
 
@@ -106,13 +113,23 @@ BAD_INPUTS = {
     "selector matches nothing": (lambda r, t: r["graft"][0].update(layers="every:2:5"), [], 2, "matches no layer"),
     "missing checkpoint": (lambda r, t: r["model"].update(source=str(t / "nope")), [], 3, "no such file or directory"),
     "truncated safetensors": (
-        lambda r, t: r["model"].update(source=str(_truncated_copy(Path(r["model"]["source"]), t / "trunc"))), [], 3,
-        "corrupt or truncated"),
+        lambda r, t: r["model"].update(source=str(_truncated_copy(Path(r["model"]["source"]), t / "trunc"))),
+        [],
+        3,
+        "corrupt or truncated",
+    ),
     "wrong shape": (
-        lambda r, t: r["model"].update(source=str(_wrong_shape_copy(Path(r["model"]["source"]), t / "shape"))), [], 3,
-        "to_q.weight has shape (16, 15)"),
-    "pickle that runs code": (lambda r, t: r["model"].update(source=str(_evil_pickle(t / "evil.pt"))), [], 3,
-                              "refused to unpickle"),
+        lambda r, t: r["model"].update(source=str(_wrong_shape_copy(Path(r["model"]["source"]), t / "shape"))),
+        [],
+        3,
+        "to_q.weight has shape (16, 15)",
+    ),
+    "pickle that runs code": (
+        lambda r, t: r["model"].update(source=str(_evil_pickle(t / "evil.pt"))),
+        [],
+        3,
+        "refused to unpickle",
+    ),
     "output equals input": (lambda r, t: r["export"].update(out=r["model"]["source"]), [], 2, "teacher's own path"),
     "non-finite loss": (lambda r, t: None, ["--set", "distill.lr=1e30"], 4, "diverged"),
     "--set missing path": (lambda r, t: None, ["--set", "distill.optimizer=sgd"], 2, "no key distill.optimizer"),
@@ -147,9 +164,14 @@ def test_refuses_to_overwrite_a_directory_that_is_not_an_export(tmp_path, tiny_d
 
 def test_console_script_runs(tmp_path, tiny_dit_dir, write_recipe):
     recipe = write_recipe(tiny_recipe(tiny_dit_dir, tmp_path / "s"))
-    done = subprocess.run([sys.executable, "-m", "dit_graft.cli", "validate", str(recipe)], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "dit_graft.cli", "validate", str(recipe)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
-    bad = subprocess.run([sys.executable, "-m", "dit_graft.cli", "validate", str(tmp_path / "none.yaml")],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dit_graft.cli", "validate", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr

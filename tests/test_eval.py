@@ -12,8 +12,19 @@ from tests.test_cli import run_cli
 
 
 def test_eval_cli_reports_quality_and_fidelity(tmp_path, tiny_dit_dir, capsys):
-    args = ["eval", tiny_dit_dir, "--teacher", tiny_dit_dir, "--samples", 20, "--steps", 2, "--out", tmp_path / "ev",
-            "--json"]
+    args = [
+        "eval",
+        tiny_dit_dir,
+        "--teacher",
+        tiny_dit_dir,
+        "--samples",
+        20,
+        "--steps",
+        2,
+        "--out",
+        tmp_path / "ev",
+        "--json",
+    ]
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 0, stderr
     report = json.loads(stdout)

@@ -142,7 +142,9 @@ def test_export_reload_is_bitwise_exact(tmp_path, options):
 def test_export_runs_in_the_stock_dit_pipeline(tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
-    teacher = tiny_dit(sample_size=4, in_channels=4, out_channels=8, num_embeds_ada_norm=1000)  # the pipeline hard-codes 1000 classes
+    teacher = tiny_dit(
+        sample_size=4, in_channels=4, out_channels=8, num_embeds_ada_norm=1000
+    )  # the pipeline hard-codes 1000 classes
     recipe = _recipe(tmp_path)
     graft_plan = plan(teacher, recipe)
     out = export(apply(teacher, graft_plan), graft_plan, recipe.model_dump(), tmp_path / "export")

@@ -73,8 +73,15 @@ def test_set_on_a_missing_path_is_an_error(tmp_path, write_recipe):
 
 @pytest.mark.parametrize(
     ("spec", "expected"),
-    [("all", [0, 1, 2, 3, 4, 5]), ("1-3", [1, 2, 3]), ("every:2", [0, 2, 4]), ("every:3:1", [1, 4]),
-     ("0,2-3", [0, 2, 3]), (4, [4]), ([5, 1], [1, 5])],
+    [
+        ("all", [0, 1, 2, 3, 4, 5]),
+        ("1-3", [1, 2, 3]),
+        ("every:2", [0, 2, 4]),
+        ("every:3:1", [1, 4]),
+        ("0,2-3", [0, 2, 3]),
+        (4, [4]),
+        ([5, 1], [1, 5]),
+    ],
 )
 def test_layer_selectors(spec, expected):
     assert select_layers(spec, 6, "layers") == expected
@@ -82,8 +89,14 @@ def test_layer_selectors(spec, expected):
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [(6, "layer 6 out of range"), ("2-9", "out of range"), ("every:2:7", "matches no layer"), ([], "matches no layer"),
-     ("3-1", "empty range"), ("odd", "cannot read layer selector")],
+    [
+        (6, "layer 6 out of range"),
+        ("2-9", "out of range"),
+        ("every:2:7", "matches no layer"),
+        ([], "matches no layer"),
+        ("3-1", "empty range"),
+        ("odd", "cannot read layer selector"),
+    ],
 )
 def test_bad_layer_selectors(spec, message):
     with pytest.raises(RecipeError, match=message):

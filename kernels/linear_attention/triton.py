@@ -333,17 +333,19 @@ def _bwd_dkv_kernel(
     )
 
 
-def _launch_config(q: torch.Tensor, v: torch.Tensor) -> dict:
-    """Block sizes, dot precision, warps and stages for these head dims and dtype."""
+def _launch_config(q: torch.Tensor, v: torch.Tensor, backward: bool = False) -> dict:
+    """Block sizes, dot precision, warps and stages for these head dims and dtype, forward or backward."""
     if max(q.shape[-1], v.shape[-1]) > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"linear_attention: the Triton kernel takes head dims up to {MAX_TRITON_HEAD_DIM}")
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     block_dv = max(16, triton.next_power_of_2(v.shape[-1]))
     large = block_d * block_dv > 64 * 128
+    # fp32 inputs get exact fp32 products; half inputs already carry less precision than tf32. At 128 x 128 the
+    # backward's tf32 operand staging would need 168 KiB of shared memory, more than an A100 has: exact fp32 there.
+    exact = q.dtype == torch.float32 or (backward and large)
     return {
-        # fp32 inputs get exact fp32 products; half inputs already carry less precision than tf32.
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        # Keeps the pipelined dq loop under 160 KiB of shared memory at d = dv = 128 in fp32 (A100 and up).
+        "PRECISION": "ieee" if exact else "tf32",
+        # Keeps the pipelined dq loop under 160 KiB of shared memory at d = dv = 128 in fp32.
         "BLOCK_N": 32 if large else 64,
         "BLOCK_D": block_d,
         "BLOCK_DV": block_dv,
@@ -400,7 +402,7 @@ def linear_attention_bwd(
     """dq, dk, dv given the forward's reduced state and key sum."""
     B, H, N, D = q.shape
     DV = v.shape[-1]
-    config = _launch_config(q, v)
+    config = _launch_config(q, v, backward=True)
     n_splits, blocks_per_split = _splits(N, config["BLOCK_N"], B * H)
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
