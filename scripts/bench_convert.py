@@ -1,0 +1,199 @@
+"""Benchmarks the conversion: one distillation step split into its parts, and student/teacher latency.
+
+    python scripts/bench_convert.py                # writes the "convert" section of docs/benchmarks.md
+
+1. One distillation step of the default recipe on the bundled digits teacher (batch 32): teacher
+   forward, student forward + backward, optimizer step — medians over repeats.
+2. Forward latency of a linear-attention student vs its softmax teacher at 256, 1024 and 4096 tokens
+   (DiT-S width: 384 channels, 6 heads x 64, 4 blocks, patch 2, random weights, batch 1), measured side
+   by side in the same run, plus each forward's peak memory beyond the loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _docs import write_section
+from diffusers import DiTTransformer2DModel
+
+from dit_graft.diffusion import Schedule
+from dit_graft.families.dit import freeze_label_dropout
+from dit_graft.loading import load_model, resolve_source
+from dit_graft.plan import apply, plan
+from dit_graft.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median wall time of `fn()` in milliseconds after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_step(device: torch.device, repeats: int) -> list[tuple[str, float]]:
+    recipe = load_recipe(ROOT / "recipes" / "digits-lit.yaml")
+    teacher = load_model(resolve_source(recipe.model.source)).to(device)
+    student = apply(teacher, plan(teacher, recipe))
+    freeze_label_dropout(student.train())
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    b = recipe.distill.batch_size
+    x = torch.randn(b, 1, 16, 16, device=device)
+    t = torch.randint(0, Schedule.linear().num_steps, (b,), device=device)
+    y = torch.randint(0, 10, (b,), device=device)
+
+    def teacher_fwd():
+        with torch.no_grad():
+            return teacher(x, timestep=t, class_labels=y).sample
+
+    target = teacher_fwd()
+
+    def student_fwd_bwd():
+        opt.zero_grad(set_to_none=True)
+        (student(x, timestep=t, class_labels=y).sample - target).square().mean().backward()
+
+    student_fwd_bwd()
+    rows = [
+        ("teacher forward", timed(teacher_fwd, device, repeats)),
+        ("student forward + backward", timed(student_fwd_bwd, device, repeats)),
+        ("optimizer step (AdamW)", timed(opt.step, device, repeats)),
+    ]
+    return rows + [("one distillation step (sum)", sum(r[1] for r in rows))]
+
+
+def dit_s(tokens: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A DiT-S-width teacher with `tokens` tokens (patch 2) and one input batch."""
+    side = int(tokens**0.5) * 2
+    torch.manual_seed(0)
+    teacher = DiTTransformer2DModel(
+        num_attention_heads=6,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=side,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, side, side, device=device),
+        timestep=torch.tensor([500], device=device),
+        class_labels=torch.tensor([1], device=device),
+    )
+    return teacher.to(device).eval(), inputs
+
+
+def student_of(teacher: torch.nn.Module) -> torch.nn.Module:
+    return apply(teacher, plan(teacher, load_recipe(ROOT / "recipes" / "digits-lit.yaml")))
+
+
+def forward_peak_mb(which: str, tokens: int, device: torch.device) -> float:
+    """Peak memory of one forward beyond the loaded model, in MB.
+
+    CUDA: max_memory_allocated. CPU: the child process's peak RSS growth during the forward, measured
+    in a fresh process per model so that one model's peak cannot hide the other's.
+    """
+    if device.type == "cuda":
+        model, inputs = dit_s(tokens, device)
+        model = student_of(model) if which == "student" else model
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            model(**inputs)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [sys.executable, __file__, "--peak-child", which, str(tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(which: str, tokens: int) -> None:
+    """In a fresh process: load one model, run one forward, print the peak RSS growth in MB."""
+    import resource
+
+    import psutil
+
+    model, inputs = dit_s(tokens, torch.device("cpu"))
+    model = student_of(model) if which == "student" else model
+    before = max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    with torch.no_grad():
+        model(**inputs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(max(peak - before, 0) / 2**20)
+
+
+def bench_latency(device: torch.device, repeats: int, tokens: list[int]) -> list[tuple]:
+    rows = []
+    for n in tokens:
+        teacher, inputs = dit_s(n, device)
+        student = student_of(teacher)
+        with torch.no_grad():
+            t_ms = timed(lambda m=teacher, x=inputs: m(**x), device, repeats)
+            s_ms = timed(lambda m=student, x=inputs: m(**x), device, repeats)
+        rows.append(
+            (n, t_ms, s_ms, s_ms / t_ms, forward_peak_mb("teacher", n, device), forward_peak_mb("student", n, device))
+        )
+    return rows
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--peak-child", nargs=2, metavar=("MODEL", "TOKENS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.peak_child:
+        _peak_child(args.peak_child[0], int(args.peak_child[1]))
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step = bench_step(device, args.repeats)
+    lat = bench_latency(device, args.repeats, args.tokens)
+    lines = [
+        f"## Conversion (scripts/bench_convert.py)\n\nMachine: {machine(device)}. "
+        f"Command: `python scripts/bench_convert.py --repeats {args.repeats}`. Medians of {args.repeats} runs.\n",
+        "One distillation step, default recipe (digits teacher, batch 32, all attention → linear):\n",
+        "| part | ms |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {ms:.1f} |" for name, ms in step]
+    lines += [
+        "",
+        "Forward latency, linear-attention student vs softmax teacher (DiT-S width, 4 blocks, batch 1, "
+        "random weights):\n",
+        "| tokens | teacher ms | student ms | student/teacher | teacher peak MB | student peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {t:.1f} | {s:.1f} | {r:.3f} | {tm:.0f} | {sm:.0f} |" for n, t, s, r, tm, sm in lat]
+    body = "\n".join(lines)
+    print(body)
+    write_section(args.out, "convert", body)
+
+
+if __name__ == "__main__":
+    main()
