@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
-import yaml
-from diffusers import DiTTransformer2DModel
+
+# Triton picks interpreter or GPU mode when triton is first imported (diffusers imports it), so the
+# kernels' CPU tests need TRITON_INTERPRET before anything below pulls triton in.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from diffusers import DiTTransformer2DModel  # noqa: E402
 
 TINY_DIT = dict(
     num_attention_heads=2,

@@ -209,7 +209,7 @@ def _bwd_dq_kernel(
                 other=0.0,
             )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [TILE, TILE]
-            p = tl.where(mask_r[:, None], tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.where(mask_r[:, None] & mask_c[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [TILE, TILE]
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # [TILE, BLOCK_D]
