@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -171,6 +172,9 @@ def distill(
     """Trains `student` in place against the frozen `teacher`; returns the loss log."""
     family: Family = family_for(teacher)
     work_dir.mkdir(parents=True, exist_ok=True)
+    # accelerate keeps one process-wide state; a library may run several distillations with different
+    # precisions in one process (tests, sweeps), so start each from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     student = student.to(accelerator.device)

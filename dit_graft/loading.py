@@ -27,7 +27,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def bundled_models() -> list[str]:
     """Names of the models that ship inside the package (usable as `bundled:NAME`)."""
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) if ASSETS.is_dir() else []
+    if not ASSETS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if '"_class_name"' in _text(p / "config.json"))
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
 
 
 def resolve_source(source: str, base_dir: Path | None = None) -> str | Path:

@@ -32,6 +32,7 @@ def test_every_loss_term_is_zero_for_identical_outputs_and_positive_otherwise():
     [
         {"losses": {"eps_mse": 1.0, "sigma_mse": 0.5, "feature_mse": 0.1, "task": 0.1}, "grad_accum": 2},
         {"data": "dataset", "dataset": "digits"},
+        {"mixed_precision": "bf16"},
     ],
 )
 def test_distillation_reduces_the_loss_and_changes_only_the_student(tmp_path, overrides):

@@ -1,0 +1,105 @@
+"""`gated_conv`: a Hyena-style gated convolution in place of attention (grafting, Chandrasegaran et al. 2025).
+
+An order-2 Hyena operator with short filters only (grafting's Hyena-X), made 2D and non-causal for
+image tokens:
+
+    q̃ = D_q ∗ to_q(x),   k̃ = D_k ∗ to_k(x),   ṽ = D_v ∗ to_v(x)        (featurizers)
+    y = to_out( q̃ ⊙ (D_h ∗ (k̃ ⊙ ṽ)) )                                  (gating, mixing, gating)
+
+where D ∗ is a k×k depthwise (per-channel) convolution with bias over the h×w token grid, zero
+padded ("same" size, so k is odd), and ⊙ the elementwise product. Output token p depends on the
+input tokens within Chebyshev distance 2⌊k/2⌋ of p; the cost is O(N·C·k²) instead of O(N²·C).
+No softmax, no heads: norm_q/norm_k, when the Attention has them, are applied per head before the
+featurizers.
+
+Inheritance: the Attention module stays, so to_q/to_k/to_v/to_out are the teacher's. The new
+parameters are the filters: D_q, D_k, D_v (one grouped conv over the 3C projected channels) start
+as the identity (centre tap 1, others 0, bias 0), so q̃, k̃, ṽ start as the teacher's projections;
+D_h starts as a k×k box mean (every tap 1/k², bias 0), so tokens mix from the first step (an identity
+D_h would make the operator token-wise).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from dit_graft.operators.base import Operator, Options, Site, TokenGrid, from_heads, register, to_heads
+from dit_graft.operators.local import check_self_attention
+
+
+class GatedConvOptions(Options):
+    """Options of the `gated_conv` operator."""
+
+    kernel: int = Field(default=3, ge=3, description="odd k of the k×k depthwise filters on the token grid")
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, k: int) -> int:
+        if k % 2 == 0:
+            raise ValueError(f"kernel must be odd (got {k}): the filters keep the grid's size")
+        return k
+
+
+def identity_depthwise(conv: nn.Conv2d) -> nn.Conv2d:
+    """Sets a depthwise conv to the identity: centre tap 1, others 0, bias 0."""
+    k = conv.kernel_size[0]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, k // 2, k // 2] = 1.0
+        if conv.bias is not None:
+            conv.bias.zero_()
+    return conv
+
+
+class GatedConvProcessor(nn.Module):
+    """A diffusers attention processor computing y = to_out(q̃ ⊙ D_h ∗ (k̃ ⊙ ṽ)) with the Attention's projections."""
+
+    def __init__(self, channels: int, kernel: int, grid: TokenGrid) -> None:
+        super().__init__()
+        self.grid = grid
+        self.featurizer = identity_depthwise(
+            nn.Conv2d(3 * channels, 3 * channels, kernel, padding=kernel // 2, groups=3 * channels)
+        )
+        self.mixer = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels)
+        with torch.no_grad():
+            self.mixer.weight.fill_(1.0 / kernel**2)
+            self.mixer.bias.zero_()
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+            raise ValueError("the gated_conv operator replaces self-attention on (B, N, C) tokens only (no context)")
+        b, n, _ = hidden_states.shape
+        h, w = self.grid.resolve(n)
+        q, k = attn.to_q(hidden_states), attn.to_k(hidden_states)  # (B, N, C)
+        if attn.norm_q is not None:
+            q = from_heads(attn.norm_q(to_heads(q, attn.heads)))
+        if attn.norm_k is not None:
+            k = from_heads(attn.norm_k(to_heads(k, attn.heads)))
+        qkv = torch.cat([q, k, attn.to_v(hidden_states)], dim=-1)  # (B, N, 3C)
+        qkv = self.featurizer(qkv.transpose(1, 2).reshape(b, -1, h, w))  # (B, 3C, h, w)
+        q, k, v = qkv.chunk(3, dim=1)  # (B, C, h, w) each
+        y = q * self.mixer(k * v)  # (B, C, h, w)
+        y = attn.to_out[0](y.flatten(2).transpose(1, 2))  # (B, N, C)
+        return attn.to_out[1](y)
+
+
+def build_gated_conv(old: nn.Module, site: Site, options: GatedConvOptions) -> GatedConvProcessor:
+    check_self_attention(old, "gated_conv")
+    widths = {old.to_q.out_features, old.to_k.out_features, old.to_v.out_features, old.to_out[0].in_features}
+    if len(widths) != 1:
+        raise ValueError(f"gated_conv needs to_q/to_k/to_v/to_out of one width (got {sorted(widths)})")
+    return GatedConvProcessor(widths.pop(), options.kernel, site.grid)
+
+
+register(
+    Operator(
+        name="gated_conv",
+        site="attention",
+        summary="Hyena-style gated k×k depthwise convs on the token grid, no softmax; inherited q/k/v/out (grafting).",
+        options=GatedConvOptions,
+        build=build_gated_conv,
+        paper="Grafting (Chandrasegaran et al. 2025); Hyena (Poli et al. 2023)",
+    )
+)
