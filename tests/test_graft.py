@@ -178,3 +178,15 @@ def test_weight_integrity_errors_name_the_problem(tmp_path, tiny_dit_dir):
     weights.unlink()
     with pytest.raises(IntegrityError, match="missing weights file"):
         load_model(broken)
+
+
+def test_a_deep_copy_of_a_student_records_its_own_grid(tmp_path):
+    import copy
+
+    teacher = tiny_dit()
+    student = apply(teacher, plan(teacher, _recipe(tmp_path)))
+    clone = copy.deepcopy(student)
+    with torch.no_grad():
+        clone(**_inputs())
+    assert clone._dit_graft_grid.hw == (4, 4) and student._dit_graft_grid.hw is None
+    assert clone.transformer_blocks[0].attn1.processor.grid is clone._dit_graft_grid

@@ -41,8 +41,9 @@ def _install_grid(model: nn.Module) -> TokenGrid:
     p = model.config.patch_size
 
     def hook(module, args, kwargs):
+        # read the grid from the module, not the closure: a deep copy shares this function but not the grid
         x = args[0] if args else kwargs["hidden_states"]
-        grid.hw = (x.shape[-2] // p, x.shape[-1] // p)
+        module._dit_graft_grid.hw = (x.shape[-2] // p, x.shape[-1] // p)
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     object.__setattr__(model, "_dit_graft_grid", grid)
