@@ -168,8 +168,9 @@ def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
         f"{sum(len(e.modules) for e in graft_plan.edits)} modules grafted; attention FLOPs ×{attn_ratio:.3f}"
     )
     work_dir = out_dir.with_name(f".{out_dir.name}.work")
-    if not resume:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    if not resume and work_dir.exists():
+        console.print(f"starting fresh: removing {work_dir} (pass --resume to continue from its checkpoints)")
+        shutil.rmtree(work_dir)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

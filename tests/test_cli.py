@@ -175,3 +175,8 @@ def test_console_script_runs(tmp_path, tiny_dit_dir, write_recipe):
         timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_recipes_lists_the_bundled_recipes(capsys):
+    code, stdout, _ = run_cli(["recipes"], capsys)
+    assert code == 0 and "digits-lit.yaml" in stdout
