@@ -68,6 +68,7 @@ def export(
             "recipe": recipe,
             "plan": graft_plan.model_dump(),
             "operators": graft_plan.operators_by_site(),
+            "dtype": dtype,
             "metrics": metrics or {},
         }
         (tmp / GRAFT_JSON).write_text(json.dumps(graft, indent=2))
@@ -141,5 +142,6 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     graft = read_graft(directory)
     if graft is not None:
         model = apply(model, GraftPlan.model_validate(graft["plan"]), inplace=True)
+        model = model.to(DTYPES[graft.get("dtype", "float32")])
     load_weights(model, directory)
     return model.to(device).eval()

@@ -190,3 +190,15 @@ def test_a_deep_copy_of_a_student_records_its_own_grid(tmp_path):
         clone(**_inputs())
     assert clone._dit_graft_grid.hw == (4, 4) and student._dit_graft_grid.hw is None
     assert clone.transformer_blocks[0].attn1.processor.grid is clone._dit_graft_grid
+
+
+def test_half_precision_export_reloads_in_its_dtype(tmp_path):
+    teacher = tiny_dit()
+    recipe = _recipe(tmp_path)
+    graft_plan = plan(teacher, recipe)
+    student = apply(teacher, graft_plan)
+    out = export(student, graft_plan, recipe.model_dump(), tmp_path / "half", dtype="bfloat16")
+    reloaded = dit_graft.from_pretrained(out)
+    assert all(p.dtype == torch.bfloat16 for p in reloaded.parameters())
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, student.state_dict()[k].to(torch.bfloat16)), k
