@@ -2,5 +2,14 @@
 
 from .block_sparse import block_sparse_attention, topk_block_index
 from .linear_attention import linear_attention
+from .sla import sla_attention, sla_block_index
+from .tile import tile_attention
 
-__all__ = ["block_sparse_attention", "linear_attention", "topk_block_index"]
+__all__ = [
+    "block_sparse_attention",
+    "linear_attention",
+    "sla_attention",
+    "sla_block_index",
+    "tile_attention",
+    "topk_block_index",
+]
