@@ -61,31 +61,87 @@ def _plan(model, recipe):
 
 
 def _cost(model, resolution: int | None = None) -> dict[str, Any]:
-    """Parameters and forward FLOPs per image (total and per attention site), on the model's device."""
+    """Parameters and forward FLOPs per image (total and per attention site), on the model's device.
+
+    Attention sites whose operator has a FLOP formula (`Operator.flops`; the teacher's own SDPA
+    processors count as `softmax`) report the q/k/v/out projections measured by FlopCounterMode plus
+    the formula's attention core, listed in `attention_formula`; the total is corrected to match.
+    Measuring is not enough there: the PyTorch paths of masked and sparse attention compute densely
+    where their kernels skip work. Other sites, and processors that correct their own count
+    (`flop_correction`, see `count_flops`), report FlopCounterMode's measurement.
+    """
+    from torch import nn
+
     from dit_graft.families import count_flops, family_for, param_count
+    from dit_graft.operators import OPERATORS
+    from dit_graft.operators.base import installed_operator
 
     family = family_for(model)
     device = next(model.parameters()).device
-    total, per_module = count_flops(model, family.example_inputs(model, 1, resolution, device))
-    attn = {s.path: per_module.get(s.path, 0) for s in family.sites(model) if s.kind == "attention"}
-    return {"params": param_count(model), "flops": total, "attention_flops": attn}
+    paths = [s.path for s in family.sites(model) if s.kind == "attention"]
+    tokens: dict[str, list[int | None]] = {p: [] for p in paths}
+
+    def record(path):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            context = [*args[1:], kwargs.get("encoder_hidden_states"), kwargs.get("attention_mask")]
+            self_attention = x.ndim == 3 and all(c is None for c in context)
+            tokens[path].append(x.shape[1] if self_attention else None)
+
+        return hook
+
+    hooks = [model.get_submodule(p).register_forward_pre_hook(record(p), with_kwargs=True) for p in paths]
+    try:
+        total, per_module = count_flops(model, family.example_inputs(model, 1, resolution, device))
+    finally:
+        for h in hooks:
+            h.remove()
+    attn, formula = {}, []
+    for site in family.sites(model):  # read after the forward, which records the token grid
+        if site.kind != "attention":
+            continue
+        module = model.get_submodule(site.path)
+        measured = per_module.get(site.path, 0)
+        attn[site.path] = measured
+        processor = getattr(module, "processor", None)
+        rule = None if hasattr(processor, "flop_correction") else installed_operator(processor)
+        if rule is None and type(processor).__name__ in ("AttnProcessor2_0", "AttnProcessor"):
+            rule = OPERATORS.get("softmax"), OPERATORS.get("softmax").parse_options({})
+        calls = tokens[site.path]
+        if rule is None or rule[0].flops is None or not calls or None in calls:
+            continue
+        op, options = rule
+        projections = sum(
+            per_module.get(f"{site.path}.{name}", 0)
+            for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and not name.startswith("processor")
+        )
+        attn[site.path] = projections + sum(op.flops(site, n, options) for n in calls)
+        total += attn[site.path] - measured
+        formula.append(site.path)
+    return {"params": param_count(model), "flops": total, "attention_flops": attn, "attention_formula": formula}
 
 
 def _print_plan(graft_plan, before: dict, after: dict) -> None:
-    table = Table(title="graft plan", show_lines=False)
+    formula = {*before.get("attention_formula", ()), *after.get("attention_formula", ())}
+    caption = (
+        "* = q/k/v/out projections measured by FlopCounterMode + the operator's attention-core FLOP formula "
+        "(the work its kernel does: masked/sparse attention counts only kept pairs, although its PyTorch path "
+        "computes densely); unmarked = measured by FlopCounterMode"
+    )
+    table = Table(title="graft plan", show_lines=False, caption=caption if formula else None)
     for col in ("edit", "module", "old → new", "attn FLOPs before", "after"):
         table.add_column(col, no_wrap=True)
+
+    def cell(cost: dict, path: str) -> str:
+        flops = cost["attention_flops"].get(path)
+        if flops is None:
+            return "-"
+        return _fmt(flops) + ("*" if path in cost.get("attention_formula", ()) else "")
+
     for e in graft_plan.edits:
         for m in e.modules:
-            fb = before["attention_flops"].get(m.path)
-            fa = after["attention_flops"].get(m.path)
-            table.add_row(
-                str(e.index),
-                m.path,
-                f"{m.old} → {m.new}",
-                _fmt(fb) if fb is not None else "-",
-                _fmt(fa) if fa is not None else "-",
-            )
+            table.add_row(str(e.index), m.path, f"{m.old} → {m.new}", cell(before, m.path), cell(after, m.path))
     out_console.print(table)
     summary = Table(title="cost per image")
     for col in ("", "teacher", "student", "ratio"):
@@ -93,8 +149,8 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
     attn_b, attn_a = sum(before["attention_flops"].values()), sum(after["attention_flops"].values())
     for name, b, a in (
         ("parameters", before["params"], after["params"]),
-        ("FLOPs", before["flops"], after["flops"]),
-        ("attention FLOPs", attn_b, attn_a),
+        ("FLOPs" + ("*" if formula else ""), before["flops"], after["flops"]),
+        ("attention FLOPs" + ("*" if formula else ""), attn_b, attn_a),
     ):
         summary.add_row(name, _fmt(b), _fmt(a), f"{a / b:.3f}" if b else "-")
     out_console.print(summary)
@@ -121,33 +177,97 @@ def convert(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only, on the meta device; no weights.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest complete checkpoint.")] = False,
+    resolution: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--resolution",
+            help="With --dry-run: image sizes in pixels to cost, repeated or comma-separated (256,512,1024,2048); "
+            "default: the model's native size.",
+        ),
+    ] = None,
 ) -> None:
     """Graft, distil and export a student as the recipe says."""
-    from dit_graft.recipe import load_recipe
+    from dit_graft.recipe import load_recipe, recipe_dir
 
     recipe = load_recipe(recipe_path, set_ or [])
     out_dir = out or Path(recipe.export.out)
+    pixels = _parse_resolutions(resolution or [])
     if dry_run:
-        _dry_run(recipe, recipe_path)
+        _dry_run(recipe, recipe_path, pixels)
         return
+    if pixels:
+        raise InputError("--resolution: only with --dry-run (the distillation size is distill.resolution)")
+    if recipe.distill.conditions is not None:
+        conditions = Path(recipe.distill.conditions).expanduser()
+        if not conditions.is_absolute() and (recipe_dir(recipe_path) / conditions).is_file():
+            conditions = recipe_dir(recipe_path) / conditions
+        if not conditions.is_file():
+            raise InputError(f"distill.conditions: {recipe.distill.conditions}: no such file")
+        recipe.distill.conditions = str(conditions.resolve())
     _convert(recipe, recipe_path, out_dir, resume)
 
 
-def _dry_run(recipe, recipe_path: Path) -> None:
+def _parse_resolutions(values: list[str]) -> list[int]:
+    """`--resolution` values ("256", "512,1024") → pixel sizes."""
+    pixels = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip().isdigit() or int(part) <= 0:
+                raise InputError(f"--resolution {value}: expected positive pixel sizes, e.g. 256,512,1024")
+            pixels.append(int(part))
+    return pixels
+
+
+def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None) -> None:
     import yaml
 
+    from dit_graft.families import family_for
     from dit_graft.plan import apply
 
     t0 = time.perf_counter()
     _, model = _load_teacher(recipe, recipe_path, meta=True)
     graft_plan = _plan(model, recipe)
-    before = _cost(model)
     student = apply(model, graft_plan)
-    after = _cost(student)
+    scale = family_for(model).vae_scale(model)
+    for px in pixels or []:
+        if px % scale or (px // scale) % _latent_multiple(model):
+            raise InputError(
+                f"--resolution {px}: not a size {type(model).__name__} takes "
+                f"(a multiple of {scale * _latent_multiple(model)} px)"
+            )
+    sizes = [px // scale for px in pixels] if pixels else [None]
+    costs = [(_cost(model, size), _cost(student, size)) for size in sizes]
     out_console.print("[bold]resolved recipe[/bold]")
     out_console.print(yaml.safe_dump(recipe.model_dump(), sort_keys=False).rstrip())
-    _print_plan(graft_plan, before, after)
+    if pixels:
+        out_console.print(f"[bold]per-module costs at {pixels[0]} px[/bold]")
+    _print_plan(graft_plan, *costs[0])
+    if pixels:
+        _print_resolutions(pixels, costs)
     out_console.print(f"dry run: no weights loaded ({time.perf_counter() - t0:.1f}s)")
+
+
+def _latent_multiple(model) -> int:
+    """What a latent side must be a multiple of: the patch size (FLUX: 2, its 2×2 packing)."""
+    return 2 if type(model).__name__ == "FluxTransformer2DModel" else model.config.patch_size
+
+
+def _print_resolutions(pixels: list[int], costs: list[tuple[dict, dict]]) -> None:
+    table = Table(title="cost per image by resolution (teacher → student)")
+    for col in ("px", "params", "FLOPs", "ratio", "attention FLOPs", "ratio", "attention share"):
+        table.add_column(col, justify="right")
+    for px, (before, after) in zip(pixels, costs, strict=True):
+        attn_b, attn_a = sum(before["attention_flops"].values()), sum(after["attention_flops"].values())
+        table.add_row(
+            str(px),
+            f"{_fmt(before['params'])} → {_fmt(after['params'])}",
+            f"{_fmt(before['flops'])} → {_fmt(after['flops'])}",
+            f"{after['flops'] / before['flops']:.3f}" if before["flops"] else "-",
+            f"{_fmt(attn_b)} → {_fmt(attn_a)}",
+            f"{attn_a / attn_b:.3f}" if attn_b else "-",
+            f"{attn_b / before['flops']:.0%} → {attn_a / after['flops']:.0%}" if after["flops"] else "-",
+        )
+    out_console.print(table)
 
 
 def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
@@ -254,6 +374,7 @@ def inspect(
             sites.append(
                 {
                     "path": s.path,
+                    "group": getattr(s, "group", None),
                     "layer": s.layer,
                     "operator": ops.get(s.path, "softmax"),
                     "flops": cost["attention_flops"].get(s.path, 0),
@@ -271,10 +392,10 @@ def inspect(
         print(json.dumps(info))
         return
     table = Table(title=f"{source} — {info['class']} ({family.name}), {info['layers']} blocks")
-    for col in ("site", "operator", "FLOPs"):
+    for col in ("site", "group", "operator", "FLOPs"):
         table.add_column(col)
     for s in sites:
-        table.add_row(s["path"], s["operator"], _fmt(s["flops"]))
+        table.add_row(s["path"], s["group"] or "", s["operator"], _fmt(s["flops"]))
     out_console.print(table)
     out_console.print(f"parameters {_fmt(info['params'])}, FLOPs per image {_fmt(info['flops_per_image'])}")
 
@@ -321,15 +442,25 @@ def eval_(
 
 @app.command()
 def operators() -> None:
-    """List every operator with its site, a one-line description and its options."""
-    from dit_graft.operators import OPERATORS
+    """List every operator with its site, a one-line description, its options and its attention FLOPs."""
+    from dit_graft.operators import OPERATORS, Site, TokenGrid
 
-    table = Table(title="operators")
-    for col in ("name", "site", "description", "options"):
+    # DiT-XL/2 at 1024 px: 4096 tokens on a 64x64 grid, C = 1152, 16 heads
+    site = Site("attn", "attention", 0, 1152, 16, TokenGrid((64, 64)))
+    dense = OPERATORS.get("softmax").flops(site, 4096, OPERATORS.get("softmax").parse_options({}))
+    table = Table(
+        title="operators",
+        caption="† attention-core FLOP formula, default options, ÷ softmax's; DiT-XL/2 at 1024 px "
+        "(4096 tokens on a 64×64 grid, C = 1152, 16 heads); projections excluded",
+    )
+    for col in ("name", "site", "description", "options", "FLOPs ÷ softmax†"):
         table.add_column(col)
     for name, op in OPERATORS.items():
         opts = ", ".join(f"{k}={f.default!r}" for k, f in op.options.model_fields.items())
-        table.add_row(name, op.site, op.summary, opts)
+        ratio = "-"
+        if op.flops is not None:
+            ratio = f"{op.flops(site, 4096, op.parse_options({})) / dense:.3g}"
+        table.add_row(name, op.site, op.summary, opts, ratio)
     out_console.print(table)
 
 

@@ -1,7 +1,9 @@
-"""Gaussian diffusion for DiT-style models: noise schedule, learned-variance loss, DDIM sampling.
+"""Diffusion maths: DiT-style Gaussian diffusion (schedule, learned variance, DDIM) and flow matching (FLUX).
 
 DiT predicts eps and, in the second half of its output channels, a variance interpolation value v
 in [-1, 1]: log Σ = frac · log β_t + (1 − frac) · log β̃_t with frac = (v + 1) / 2 (Nichol & Dhariwal).
+FLUX is a flow-matching model: x_σ = (1 − σ) x0 + σ ε for σ ∈ [0, 1], and it predicts the velocity
+v = ε − x0; sampling integrates dx/dσ = v from σ = 1 to 0 (Euler).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -100,31 +102,75 @@ def ddim_sample(
     model_fn: ModelFn,
     schedule: Schedule,
     noise: torch.Tensor,
-    labels: torch.Tensor,
-    null_label: int,
+    cond: dict[str, torch.Tensor],
+    null: dict[str, torch.Tensor] | None,
     steps: int = 50,
     cfg: float = 1.0,
 ) -> torch.Tensor:
     """Deterministic DDIM (η = 0) with classifier-free guidance on the eps channels.
 
-    `model_fn(x, t, y)` returns the raw model output; images come back clipped to [-1, 1].
+    `model_fn(x, t, c)` returns the raw model output for a batch of conditions c (a dict of tensors, one
+    row per sample); `null` holds the null condition of every row, needed when cfg ≠ 1. Images come back
+    clipped to [-1, 1].
     """
     x = noise
     ab = schedule.alphas_cumprod.to(noise.device)
     ts = ddim_timesteps(schedule.num_steps, steps)
     c = noise.shape[1]
+    both = {k: torch.cat([cond[k], null[k]]) for k in cond} if cfg != 1.0 else None
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        if cfg != 1.0:
-            y = torch.cat([labels, torch.full_like(labels, null_label)])
-            out = model_fn(torch.cat([x, x]), torch.cat([tt, tt]), y)
+        if both is not None:
+            out = model_fn(torch.cat([x, x]), torch.cat([tt, tt]), both)
             eps_c, eps_u = out[:, :c].chunk(2)
             eps = eps_u + cfg * (eps_c - eps_u)
         else:
-            eps = model_fn(x, tt, labels)[:, :c]
+            eps = model_fn(x, tt, cond)[:, :c]
         a_t = ab[t].to(x.dtype)
         a_prev = (ab[ts[i + 1]] if i + 1 < len(ts) else ab.new_tensor(1.0)).to(x.dtype)
         x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
         eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x.clamp(-1, 1)
+
+
+def flow_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Exponential time shift of flow-matching sigmas: e^μ / (e^μ + 1/σ − 1) (larger μ: more time at high noise)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
+
+def flow_mu(image_tokens: int, base: tuple[int, float] = (256, 0.5), top: tuple[int, float] = (4096, 1.15)) -> float:
+    """FLUX's resolution-dependent shift μ: linear in the image token count through (256, 0.5) and (4096, 1.15)."""
+    slope = (top[1] - base[1]) / (top[0] - base[0])
+    return base[1] + slope * (image_tokens - base[0])
+
+
+@torch.no_grad()
+def flow_euler_sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    steps: int = 28,
+    mu: float | None = None,
+) -> torch.Tensor:
+    """Flow-matching Euler from σ = 1 (noise) to σ = 0: x ← x + (σ_next − σ) · v, with v = model_fn(x, σ).
+
+    Sigmas are evenly spaced in (0, 1], time-shifted by `mu` when given, then 0 is appended (as diffusers'
+    FlowMatchEulerDiscreteScheduler with dynamic shifting). x_σ = (1 − σ) x0 + σ ε, so v = ε − x0.
+    """
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    if mu is not None:
+        sigmas = flow_shift(sigmas, mu)
+    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).tolist()
+    x = noise
+    for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        t = torch.full((x.shape[0],), s, device=x.device, dtype=x.dtype)
+        x = x + (s_next - s) * model_fn(x, t).to(x.dtype)
+    return x
+
+
+def flow_noise(x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A flow-matching training input: σ ~ logit-normal(0, 1), x_σ = (1 − σ) x0 + σ ε; target v = ε − x0."""
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen, dtype=torch.float64)).to(x0.dtype)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, sigma, noise - x0

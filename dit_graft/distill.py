@@ -1,6 +1,8 @@
 """Distillation: the student learns to match the frozen teacher with the recipe's hybrid loss.
 
-Training inputs are noised samples the teacher generated itself (or a dataset the recipe names).
+Training inputs are noised samples the teacher generated itself (or a dataset the recipe names); the
+family decides the conditions, the noising (DDPM for eps models, flow matching for FLUX) and what the
+ground-truth target is, so this loop is the same for every family.
 Checkpoints are written atomically (a temporary directory, then a rename) every
 `checkpoint_every` steps; `resume=True` continues from the latest complete one with the optimizer,
 the LR schedule, the data generator and the step restored, so an interrupted run ends with the
@@ -25,9 +27,9 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dit_graft.diffusion import Schedule
 from dit_graft.errors import DivergenceError, IntegrityError, RecipeError
 from dit_graft.families import Family, family_for
+from dit_graft.families.base import Conditions, conditions_to, drop_to_null, num_conditions, take_rows
 from dit_graft.families.dit import freeze_label_dropout
 from dit_graft.losses import LOSSES, LossInputs
 from dit_graft.recipe import DistillSection
@@ -53,33 +55,66 @@ class DistillResult:
     resumed_from: int | None = None
 
 
-def teacher_pool(teacher: nn.Module, cfg: DistillSection, work_dir: Path, progress=None) -> dict[str, torch.Tensor]:
-    """Samples the teacher once (seeded) and caches the pool in the work directory."""
-    path = work_dir / "pool.safetensors"
+COND_PREFIX = "cond."
+
+
+def pool_key(cfg: DistillSection) -> str:
+    """What a cached pool depends on; a different key regenerates it."""
     key = f"{cfg.pool_size}-{cfg.pool_steps}-{cfg.seed}"
+    if cfg.conditions is not None or cfg.resolution is not None:
+        key += f"-{cfg.conditions}-{cfg.resolution}"
+    return key
+
+
+def pool_conditions(pool: dict[str, torch.Tensor]) -> Conditions:
+    """The conditions stored in a pool (keys `cond.NAME`)."""
+    return {k[len(COND_PREFIX) :]: v for k, v in pool.items() if k.startswith(COND_PREFIX)}
+
+
+def teacher_pool(teacher: nn.Module, cfg: DistillSection, work_dir: Path, progress=None) -> dict[str, torch.Tensor]:
+    """Samples the teacher once (seeded) and caches the pool in the work directory.
+
+    The pool holds `images` (the teacher's samples, in the family's latent layout) and the conditions each
+    was sampled with, as `cond.NAME` tensors.
+    """
+    path = work_dir / "pool.safetensors"
+    key = pool_key(cfg)
     if path.is_file():
         pool = load_file(str(path))
         if (work_dir / "pool.key").read_text() == key:
             return pool
     family = family_for(teacher)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    labels, _ = family.conditions(teacher, cfg.pool_size)
-    example = family.example_inputs(teacher, 1, None, "cpu")["hidden_states"]
+    try:
+        cond = family.conditions(teacher, cfg.pool_size, cfg.conditions)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    shape = family.latent_shape(teacher, latent_resolution(teacher, cfg.resolution))
     images = []
     chunk = 64
     device = next(teacher.parameters()).device
     for start in range(0, cfg.pool_size, chunk):
-        y = labels[start : start + chunk]
-        noise = torch.randn((len(y), *example.shape[1:]), generator=gen)
-        images.append(family.sample(teacher, noise.to(device), y.to(device), steps=cfg.pool_steps).cpu())
+        c = take_rows(cond, slice(start, start + chunk))
+        noise = torch.randn((num_conditions(c), *shape), generator=gen)
+        images.append(family.sample(teacher, noise.to(device), conditions_to(c, device), steps=cfg.pool_steps).cpu())
         if progress is not None:
             progress(min(start + chunk, cfg.pool_size), cfg.pool_size)
-    pool = {"images": torch.cat(images), "labels": labels}
+    pool = {"images": torch.cat(images), **{COND_PREFIX + k: v.contiguous() for k, v in cond.items()}}
     tmp = work_dir / "pool.tmp.safetensors"
     save_file(pool, str(tmp))
     os.replace(tmp, path)
     (work_dir / "pool.key").write_text(key)
     return pool
+
+
+def latent_resolution(model: nn.Module, pixels: int | None) -> int | None:
+    """An image size in pixels → the model's latent size (None stays None: the model's own)."""
+    if pixels is None:
+        return None
+    scale = family_for(model).vae_scale(model)
+    if pixels % scale:
+        raise RecipeError(f"distill.resolution: {pixels} px is not a multiple of the VAE factor {scale}")
+    return pixels // scale
 
 
 def dataset_pool(name: str | None) -> dict[str, torch.Tensor]:
@@ -88,7 +123,7 @@ def dataset_pool(name: str | None) -> dict[str, torch.Tensor]:
     from dit_graft.data.digits import load_digits_split
 
     split = load_digits_split("train")
-    return {"images": split.images, "labels": split.labels}
+    return {"images": split.images, COND_PREFIX + "class_labels": split.labels}
 
 
 def latest_checkpoint(work_dir: Path) -> Path | None:
@@ -142,7 +177,8 @@ class _BlockOutputs:
         self.handles = [b.register_forward_hook(self._hook) for b in blocks]
 
     def _hook(self, module, args, out):
-        self.outputs.append(out[0] if isinstance(out, tuple) else out)
+        # blocks with two streams (FLUX: text, image) return a tuple: their features are both, joined
+        self.outputs.append(torch.cat(out, dim=1) if isinstance(out, tuple) else out)
 
     def take(self) -> list[torch.Tensor]:
         out, self.outputs = self.outputs, []
@@ -185,9 +221,8 @@ def distill(
     student, opt, sched = accelerator.prepare(student, opt, sched)
 
     pool = teacher_pool(teacher, cfg, work_dir, progress) if cfg.data == "teacher" else dataset_pool(cfg.dataset)
-    images, labels = pool["images"], pool["labels"]
-    _, null = family.conditions(teacher, 1)
-    schedule = Schedule.linear()
+    images, conds = pool["images"], pool_conditions(pool)
+    null = family.null_conditions(teacher, cfg.conditions)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = DistillResult()
     start = 0
@@ -206,18 +241,18 @@ def distill(
             finite = True
             for _ in range(cfg.grad_accum):
                 idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
-                x0, y = images[idx], labels[idx].clone()
-                y[torch.rand(cfg.batch_size, generator=gen) < cfg.null_class_prob] = null
-                t = torch.randint(0, schedule.num_steps, (cfg.batch_size,), generator=gen)
-                noise = torch.randn(x0.shape, generator=gen)
-                xt = schedule.q_sample(x0, t, noise)
-                xt, t, y, noise = (a.to(accelerator.device) for a in (xt, t, y, noise))
+                x0 = images[idx]
+                drop = torch.rand(cfg.batch_size, generator=gen) < cfg.null_class_prob
+                y = drop_to_null(take_rows(conds, idx), null, drop)
+                xt, t, target = family.noise(teacher, x0, gen)
+                xt, t, target = (a.to(accelerator.device) for a in (xt, t, target))
+                y = conditions_to(y, accelerator.device)
                 with torch.no_grad():
                     t_out = family.forward(teacher, xt, t, y)
                 with accelerator.autocast():
                     s_out = family.forward(student, xt, t, y)
                 batch = LossInputs(
-                    s_out, t_out, noise, s_hooks.take() if s_hooks else [], t_hooks.take() if t_hooks else []
+                    s_out, t_out, target, s_hooks.take() if s_hooks else [], t_hooks.take() if t_hooks else []
                 )
                 terms = {k: LOSSES.get(k)(batch) for k in weights}
                 loss = sum(weights[k] * v for k, v in terms.items()) / cfg.grad_accum

@@ -21,6 +21,7 @@ from torch import nn
 
 from dit_graft.errors import InputError
 from dit_graft.families import family_for
+from dit_graft.families.base import conditions_to, take_rows
 from dit_graft.metrics import IMAGE_SIZE, classify, frechet_distance, load_classifier, mse, psnr, real_subsets
 
 
@@ -36,17 +37,15 @@ class Samples:
 def sample(model: nn.Module, n: int, steps: int, cfg: float, seed: int = 0, batch: int = 100) -> Samples:
     """n class-balanced samples with the family's sampler, from noise seeded by `seed`."""
     family = family_for(model)
-    labels, _ = family.conditions(model, n)
-    shape = family.example_inputs(model, 1, None, "cpu")["hidden_states"].shape[1:]
+    cond = family.conditions(model, n)
+    shape = family.latent_shape(model)
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     out, t0 = [], time.perf_counter()
     for i in range(0, n, batch):
-        out.append(
-            family.sample(
-                model, noise[i : i + batch].to(device), labels[i : i + batch].to(device), steps=steps, cfg=cfg
-            ).cpu()
-        )
+        c = conditions_to(take_rows(cond, slice(i, i + batch)), device)
+        out.append(family.sample(model, noise[i : i + batch].to(device), c, steps=steps, cfg=cfg).cpu())
+    labels = cond.get("class_labels", torch.arange(n))  # text families have no class: the sample index
     return Samples(torch.cat(out), labels, time.perf_counter() - t0)
 
 
@@ -106,20 +105,18 @@ def evaluate(model: nn.Module, teacher: nn.Module | None, samples: int, steps: i
     return report, s, t
 
 
-def sample_grid(student: Samples, teacher: Samples | None, per_class: int = 8, classes: int = 10) -> np.ndarray:
+def sample_grid(
+    student: Samples, teacher: Samples | None, per_class: int = 8, classes: int = 10, pad: int = 1
+) -> np.ndarray:
     """A uint8 grid: one row per class; teacher columns left of student columns when given."""
 
     def block(s: Samples) -> np.ndarray:
-        rows = []
+        h, w = s.images.shape[-2:]
+        canvas = torch.full((classes * (h + pad), per_class * (w + pad)), -0.6)  # grey gutters between cells
         for c in range(classes):
-            imgs = s.images[s.labels == c][:per_class]
-            imgs = (
-                torch.cat([imgs, -torch.ones(per_class - len(imgs), *imgs.shape[1:])])
-                if len(imgs) < per_class
-                else imgs
-            )
-            rows.append(torch.cat(list(imgs[:, 0]), dim=1))  # (H, per_class * W)
-        return ((torch.cat(rows, 0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+            for j, img in enumerate(s.images[s.labels == c][:per_class]):
+                canvas[c * (h + pad) : c * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = img[0]
+        return ((canvas + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
 
     parts = [block(teacher), np.full((block(student).shape[0], 4), 255, np.uint8)] if teacher is not None else []
     return np.concatenate([*parts, block(student)], axis=1)

@@ -25,11 +25,32 @@ INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+CONFIGS = "configs"
+
+
 def bundled_models() -> list[str]:
-    """Names of the models that ship inside the package (usable as `bundled:NAME`)."""
+    """Names of the models that ship inside the package (usable as `bundled:NAME`).
+
+    `configs/NAME` entries are config-only (no weights): full-size architectures for `--dry-run`, `validate`
+    and `inspect` on the meta device; their config's `_name_or_path` names the hub id to convert for real.
+    """
     if not ASSETS.is_dir():
         return []
-    return sorted(p.name for p in ASSETS.iterdir() if '"_class_name"' in _text(p / "config.json"))
+    dirs = [p for p in ASSETS.iterdir() if p.is_dir()]
+    if (ASSETS / CONFIGS).is_dir():
+        dirs += [p for p in (ASSETS / CONFIGS).iterdir() if p.is_dir()]
+    return sorted(str(p.relative_to(ASSETS)) for p in dirs if '"_class_name"' in _text(p / "config.json"))
+
+
+def config_only_hint(directory: Path) -> str | None:
+    """For a bundled config-only directory: how to get the real weights; None for any other directory."""
+    try:
+        directory.resolve().relative_to((ASSETS / CONFIGS).resolve())
+    except ValueError:
+        return None
+    hub_id = json.loads(_text(directory / "config.json") or "{}").get("_name_or_path")
+    where = f"set model.source to the hub id {hub_id!r} (subfolder transformer)" if hub_id else "use a real checkpoint"
+    return f"{directory.name} is a bundled config without weights (for --dry-run, validate, inspect); {where}"
 
 
 def _text(path: Path) -> str:
@@ -37,7 +58,11 @@ def _text(path: Path) -> str:
 
 
 def resolve_source(source: str, base_dir: Path | None = None) -> str | Path:
-    """A recipe's `model.source` → a local Path (model dir, pipeline dir or checkpoint file) or a hub id."""
+    """A recipe's `model.source` → a local Path (model dir, pipeline dir or checkpoint file) or a hub id.
+
+    `bundled:NAME` names a model inside the package (`bundled:digits-dit`) or a config-only full-size
+    architecture (`bundled:configs/flux-dev`; see `bundled_models`).
+    """
     if source.startswith(BUNDLED_PREFIX):
         name = source[len(BUNDLED_PREFIX) :]
         path = ASSETS / name
@@ -94,6 +119,9 @@ def build_from_config(config: dict[str, Any], meta: bool = False) -> nn.Module:
 
 
 def safetensors_files(directory: Path) -> list[Path]:
+    hint = config_only_hint(directory)
+    if hint is not None:
+        raise IntegrityError(hint)
     index = directory / INDEX_NAME
     if index.is_file():
         try:
@@ -161,6 +189,8 @@ def load_model(source: str | Path, subfolder: str | None = None, meta: bool = Fa
                 return load_original_dit(source, num_heads=num_heads)
         return load_original_dit(source, num_heads=num_heads)
     directory = model_dir(source, subfolder)
+    if not meta:
+        safetensors_files(directory)  # a config-only or weightless directory fails here, before the model is built
     model = build_from_config(read_config(directory), meta=meta)
     if not meta:
         load_weights(model, directory)

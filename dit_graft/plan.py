@@ -17,6 +17,7 @@ from torch import nn
 from dit_graft import __version__
 from dit_graft.errors import RecipeError
 from dit_graft.families import Family, family_for
+from dit_graft.families.base import UnsupportedOperator
 from dit_graft.operators import OPERATORS
 from dit_graft.recipe import GraftEdit, Recipe
 
@@ -38,6 +39,7 @@ class PlannedEdit(BaseModel):
 
     index: int
     site: str
+    group: str | None = None
     op: str
     options: dict[str, Any]
     layers: list[int]
@@ -109,29 +111,55 @@ def _describe_current(model: nn.Module, path: str, kind: str, current: dict[str,
 
 
 def plan(model: nn.Module, recipe: Recipe) -> GraftPlan:
-    """Resolves the recipe's graft edits against `model` (which may live on the meta device)."""
+    """Resolves the recipe's graft edits against `model` (which may live on the meta device).
+
+    Every module an edit touches is checked against the family's builders here, so an operator the
+    family does not support fails before anything is built or swapped.
+    """
     family = family_for(model)
     num_layers = family.num_layers(model)
     sites = family.sites(model)
     current: dict[str, str] = {}
     edits = []
     for i, edit in enumerate(recipe.graft):
-        edits.append(_plan_edit(model, i, edit, sites, num_layers, current))
+        edits.append(_plan_edit(model, family, i, edit, sites, current))
     return GraftPlan(family=family.name, base_class=type(model).__name__, num_layers=num_layers, edits=edits)
 
 
-def _plan_edit(model, index: int, edit: GraftEdit, sites, num_layers: int, current: dict[str, str]) -> PlannedEdit:
+def _plan_edit(model, family: Family, index: int, edit: GraftEdit, sites, current: dict[str, str]) -> PlannedEdit:
     where = f"graft.{index}.layers"
-    layers = select_layers(edit.layers, num_layers, where)
+    group = edit.group or family.groups[0]
+    if group not in family.groups:
+        raise RecipeError(
+            f"graft.{index}.group: the {family.name} family has no block group {group!r} "
+            f"(it has: {', '.join(family.groups)})"
+        )
+    in_group = [s for s in sites if getattr(s, "group", family.groups[0]) == group and s.kind == edit.site]
+    if not in_group:
+        raise RecipeError(f"graft.{index}.site: the {family.name} family's {group} blocks have no {edit.site} sites")
+    layers = select_layers(edit.layers, max(s.layer for s in in_group) + 1, where)
+    op = OPERATORS.get(edit.op)
     modules = []
-    for site in sites:
-        if site.kind == edit.site and site.layer in layers:
+    for site in in_group:
+        if site.layer in layers:
+            try:
+                family.builder(site, op)
+            except UnsupportedOperator as e:
+                raise RecipeError(f"graft.{index}.op: {e}") from None
             old = _describe_current(model, site.path, site.kind, current)
             modules.append(PlannedModule(path=site.path, layer=site.layer, old=old, new=edit.op))
             current[site.path] = edit.op
     if not modules:
         raise RecipeError(f"{where}: no {edit.site} site in layers {layers}")
-    return PlannedEdit(index=index, site=edit.site, op=edit.op, options=edit.options, layers=layers, modules=modules)
+    return PlannedEdit(
+        index=index,
+        site=edit.site,
+        group=edit.group,
+        op=edit.op,
+        options=edit.options,
+        layers=layers,
+        modules=modules,
+    )
 
 
 def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.Module:
@@ -154,14 +182,14 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
                 raise RecipeError(f"graft.{edit.index}: module {m.path} does not exist in this model")
             old = student.get_submodule(m.path)
             try:
-                new = op.build(old, sites[m.path], options)
+                new = family.builder(sites[m.path], op)(old, sites[m.path], options)
             except ValueError as e:
                 raise RecipeError(f"graft.{edit.index}.options: {m.path}: {e}") from None
             swaps.append((m.path, op.installs, new))
     for path, installs, new in swaps:
         old = student.get_submodule(path)
         if installs == "processor":
-            if new is None:
+            if new is None:  # the softmax operator: diffusers' own SDPA processor
                 from diffusers.models.attention_processor import AttnProcessor2_0
 
                 old.set_processor(AttnProcessor2_0())

@@ -31,12 +31,30 @@ class ModelSection(Strict):
 
 
 class GraftEdit(Strict):
-    """One edit: put operator `op` into the `site` of the selected `layers`."""
+    """One edit: put operator `op` into the `site` of the selected `layers` of one block `group`.
+
+    `group` picks a block group where a family has several; layers are numbered within the group.
+    dit: blocks. pixart: self (the self-attention and MLP of each block; the default) or cross (the
+    cross-attention to the caption, `site: attention`; softmax unless an edit says otherwise). flux: double
+    (the double-stream blocks `transformer_blocks.{i}`: joint attention, image-stream MLP `ff`; the default)
+    or single (the single-stream blocks `single_transformer_blocks.{i}`: attention only, their MLP is fused
+    into `proj_out`). Omitted: the family's first group.
+    """
 
     site: Literal["attention", "mlp"]
+    group: str | None = Field(default=None, description="block group (pixart: self | cross; flux: double | single)")
     layers: str | int | list[int] = "all"
     op: str
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("group")
+    @classmethod
+    def _known_group(cls, group: str | None) -> str | None:
+        from dit_graft.families import all_groups
+
+        if group is not None and group not in all_groups():
+            raise ValueError(f"unknown block group {group!r} (known: {', '.join(all_groups())})")
+        return group
 
     @field_validator("op")
     @classmethod
@@ -70,8 +88,20 @@ class DistillSection(Strict):
     data: Literal["teacher", "dataset"] = "teacher"
     dataset: str | None = Field(default=None, description="for data: dataset — 'digits' (the bundled data)")
     pool_size: int = Field(default=512, ge=1, description="teacher-generated samples to noise (data: teacher)")
-    pool_steps: int = Field(default=25, ge=1, description="DDIM steps used to generate the pool")
-    null_class_prob: float = Field(default=0.1, ge=0, le=1)
+    pool_steps: int = Field(default=25, ge=1, description="sampler steps for the pool (DDIM; FLUX: flow Euler)")
+    resolution: int | None = Field(
+        default=None, ge=1, description="image size in pixels of the pool (default: the model's native size)"
+    )
+    conditions: str | None = Field(
+        default=None,
+        description="text families: a .safetensors of cached caption embeddings (prompt_embeds and "
+        "prompt_attention_mask (PixArt) or pooled_prompt_embeds (FLUX), one row per caption; optional "
+        "negative_prompt_embeds/negative_prompt_attention_mask for the null caption); default: a small "
+        "seeded synthetic set",
+    )
+    null_class_prob: float = Field(
+        default=0.1, ge=0, le=1, description="share of samples trained on the null condition (class / empty caption)"
+    )
     losses: Losses = Field(default_factory=Losses)
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=10, ge=1)

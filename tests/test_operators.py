@@ -1,4 +1,5 @@
-"""The grafting operators: local, swa, gated_conv, mlp_ratio, conv_mlp — references, inheritance, gradients, export."""
+"""The grafting operators: local, swa, sparse, gated_conv, mlp_ratio, conv_mlp — references, inheritance, gradients,
+export, FLOP formulas."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import dit_graft
+from dit_graft.cli import _cost
 from dit_graft.errors import RecipeError
 from dit_graft.export import export
 from dit_graft.families import family_for
 from dit_graft.families.base import count_flops
-from dit_graft.operators import OPERATORS, TokenGrid
-from dit_graft.operators.local import LocalAttnProcessor, LocalOptions
-from dit_graft.operators.swa import SlidingWindowAttnProcessor, SwaOptions
+from dit_graft.operators import OPERATORS, Site, TokenGrid
+from dit_graft.operators.base import band_pairs
+from dit_graft.operators.local import LocalAttnProcessor, LocalOptions, grid_window_mask, grid_window_pairs
+from dit_graft.operators.swa import SlidingWindowAttnProcessor, SwaOptions, band_mask
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
 from tests.conftest import TINY_DIT, tiny_dit, tiny_recipe
@@ -34,6 +37,7 @@ SPECS = {
     "local-circle": ("attention", "local", {"window": 1.5}),
     "local-square": ("attention", "local", {"window": 1, "shape": "square"}),
     "swa": ("attention", "swa", {"window": 5}),
+    "sparse": ("attention", "sparse", {"block": 16, "keep": 1}),
     "gated_conv": ("attention", "gated_conv", {"kernel": 3}),
     "mlp_ratio-narrow-magnitude": ("mlp", "mlp_ratio", {"ratio": 1.5}),
     "mlp_ratio-narrow-taylor": ("mlp", "mlp_ratio", {"ratio": 1.5, "importance": "taylor", "calibration_tokens": 64}),
@@ -244,7 +248,7 @@ def test_every_new_parameter_gets_a_gradient(tmp_path, spec):
     student.train()
     student(**_inputs()).sample.square().mean().backward()
     new = _new_parameters(student, site)
-    assert new or op in ("local", "swa")  # the masked-softmax processors add no parameters
+    assert new or op in ("local", "swa", "sparse")  # the masked and sparse softmax processors add no parameters
     for name, p in new.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -309,5 +313,80 @@ def test_a_ratio_leaving_no_hidden_unit_fails_before_any_swap(tmp_path):
 def test_cli_lists_the_operators(capsys):
     code, out, _ = run_cli(["operators"], capsys)
     assert code == 0
-    for name in ("local", "swa", "gated_conv", "mlp_ratio", "conv_mlp"):
+    for name in ("local", "swa", "sparse", "gated_conv", "mlp_ratio", "conv_mlp"):
         assert name in out
+    assert "FLOPs ÷ softmax" in out
+
+
+@pytest.mark.parametrize(
+    "op, options",
+    [
+        ("softmax", {}),
+        ("linear", {}),
+        ("linear", {"norm": "output_norm", "heads": 1, "dwconv": 0}),
+        ("linear", {"feature_map": "elu1", "heads": 2, "dwconv": 5}),
+        ("gated_conv", {"kernel": 5}),
+    ],
+)
+def test_flop_formula_matches_flop_counter_on_the_pytorch_path(op, options):
+    """Measured total minus the q/k/v/out projections is the formula (on meta, where SDPA is counted as matmuls)."""
+    operator = OPERATORS.get(op)
+    opts = operator.parse_options(options)
+    site = Site("attn", "attention", 0, 32, 4, TokenGrid((6, 8)))
+    with torch.device("meta"):
+        attn = Attention(32, heads=4, dim_head=8, bias=True)
+        processor = operator.build(attn, site, opts)
+        attn.set_processor(processor if processor is not None else AttnProcessor2_0())
+    total, _ = count_flops(attn, {"hidden_states": torch.zeros(1, 48, 32, device="meta")})
+    projections = 4 * 2 * 48 * 32 * 32
+    assert total - projections == operator.flops(site, 48, opts) > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), radius=st.floats(0.3, 12), shape=st.sampled_from(["circle", "square"]))
+def test_local_and_swa_formulas_count_the_masks_pairs(h, w, radius, shape):
+    assert grid_window_pairs(h, w, radius, shape) == int(grid_window_mask(h, w, radius, shape, "cpu").sum())
+    n, half = h * w, int(radius)
+    assert band_pairs(n, half) == int(band_mask(n, half, "cpu").sum())
+
+
+def test_local_swa_and_sparse_formulas_are_below_softmax_at_dit_xl_size():
+    site = Site("attn", "attention", 0, 1152, 16, TokenGrid((32, 32)))
+    dense = OPERATORS.get("softmax").flops(site, 1024, None)
+    for op in ("local", "swa", "sparse"):
+        operator = OPERATORS.get(op)
+        assert operator.flops(site, 1024, operator.parse_options({})) < dense / 3, op
+
+
+@pytest.mark.parametrize(
+    "op, options", [("local", {"window": 2}), ("swa", {"window": 9}), ("sparse", {"block": 16, "keep": 1})]
+)
+def test_cost_reports_the_formula_and_the_saving_on_the_meta_device(tmp_path, op, options):
+    with torch.device("meta"):
+        teacher = DiTTransformer2DModel(**{**TINY_DIT, "sample_size": 16})  # an 8x8 grid: 64 tokens
+    student = apply(teacher, plan(teacher, _recipe(tmp_path, "attention", op, options)))
+    before, after = _cost(teacher), _cost(student)
+    _, measured = count_flops(teacher, family_for(teacher).example_inputs(teacher, 1, None, "meta"))
+    paths = [f"transformer_blocks.{i}.attn1" for i in range(2)]
+    assert before["attention_formula"] == after["attention_formula"] == paths
+    for path in paths:
+        assert before["attention_flops"][path] == measured[path]  # softmax's formula is what meta measures
+        assert after["attention_flops"][path] < before["attention_flops"][path]
+    saved = sum(before["attention_flops"].values()) - sum(after["attention_flops"].values())
+    assert before["flops"] - after["flops"] == saved
+
+
+def test_cost_of_softmax_on_the_cpu_is_its_cost_on_the_meta_device():
+    teacher = tiny_dit()
+    with torch.device("meta"):
+        on_meta = DiTTransformer2DModel(**TINY_DIT)
+    assert _cost(teacher)["attention_flops"] == _cost(on_meta)["attention_flops"]
+
+
+def test_dry_run_marks_formula_counts_and_shows_the_saving(tmp_path, tiny_dit_dir, write_recipe, capsys):
+    data = tiny_recipe(tiny_dit_dir, tmp_path / "out")
+    data["graft"] = [{"site": "attention", "layers": "all", "op": "swa", "options": {"window": 3}}]
+    code, stdout, _ = run_cli(["convert", write_recipe(data), "--dry-run"], capsys)
+    assert code == 0 and "softmax → swa" in stdout and "attention-core FLOP formula" in stdout
+    row = next(line for line in stdout.splitlines() if "attention FLOPs*" in line)
+    assert float(row.split()[-2]) < 1  # the student/teacher ratio

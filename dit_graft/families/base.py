@@ -1,9 +1,17 @@
-"""The family registry: one adapter per diffusers transformer architecture."""
+"""The family registry: one adapter per diffusers transformer architecture.
+
+Conditions are opaque to everything but the family: a batch of them is a dict of tensors whose first
+dimension is the sample (`{"class_labels": (B,)}` for DiT, `{"prompt_embeds": (B, T, D),
+"prompt_attention_mask": (B, T)}` for PixArt, ...). Generic code only selects rows (`take_rows`),
+concatenates and moves them; the family makes them (`conditions`), drops them to its null condition
+(`drop_conditions`) and feeds them to the model (`forward`, `sample`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -11,34 +19,83 @@ from torch import nn
 from dit_graft.operators.base import Site
 from dit_graft.registry import Registry
 
+Conditions = dict[str, torch.Tensor]
+
+# `builders(site, op_name)` returns this to say "the operator's own builder works here".
+GENERIC = "generic"
+
+
+@dataclass
+class FamilySite(Site):
+    """A Site that also names its block group (DiT: blocks; PixArt: self, cross; FLUX: double, single)."""
+
+    group: str = "blocks"
+
+
+class UnsupportedOperator(ValueError):
+    """An operator that has no implementation for a family's site (yet)."""
+
 
 @dataclass(frozen=True)
 class Family:
     """What dit-graft needs to know about an architecture; the callables take the model first.
 
-    - `sites(model)` → every graftable Site, in layer order
+    - `sites(model)` → every graftable FamilySite, in layer order; `groups` names their block groups, the
+      first one being what a recipe edit without `group:` addresses
     - `install_grid(model)` → a TokenGrid kept up to date by a forward pre-hook
-    - `example_inputs(model, batch, resolution, device)` → forward kwargs (FLOP counts, tests)
-    - `forward(model, x, t, cond)` → raw model output tensor
-    - `sample(model, noise, cond, steps, cfg)` → images, with the family's sampler
-    - `conditions(model, n)` → n evenly spread conditions (class labels, ...) and the null condition
-    - `objective`: what the output means ("eps_sigma": eps and learned-variance channels)
+    - `example_inputs(model, batch, resolution, device)` → forward kwargs (FLOP counts, tests); `resolution`
+      is the latent size (the model's sample units), default the model's own
+    - `latent_shape(model, resolution)` → the shape of one sample (C, H, W) that `forward`/`sample` take
+    - `vae_scale(model)` → image pixels per latent pixel (1 for a pixel-space model)
+    - `forward(model, x, t, cond)` → raw model output, laid out like x (plus learned-σ channels for eps_sigma)
+    - `noise(model, x0, gen)` → (x_t, t, target): a training input, its timestep and the ground-truth target
+      the output's first channels regress (eps for eps_sigma, noise − x0 for flow_velocity)
+    - `sample(model, noise, cond, steps, cfg)` → samples, with the family's sampler
+    - `conditions(model, n, source)` → n evenly spread conditions (`source`: a cached-embeddings file or None)
+    - `null_conditions(model, source)` → the null condition (one row: the null class, the empty caption), or
+      None for a family trained without one (FLUX.1: guidance-distilled); `drop_to_null` applies it
+    - `objective`: what the output means ("eps_sigma": eps and learned-variance channels (DiT, PixArt);
+      "flow_velocity": the flow-matching velocity noise − x0 (FLUX))
+    - `builders(site, op_name)` → the builder for that operator there, `GENERIC` for the operator's own, or
+      None where the family does not support it; the field None means every operator, generically
     """
 
     name: str
     classes: tuple[str, ...]
-    objective: str
+    objective: Literal["eps_sigma", "flow_velocity"]
     sites: Any
     install_grid: Any
     example_inputs: Any
     forward: Any
     num_layers: Any
     blocks: Any  # (model) -> list of the transformer blocks, in order
-    sample: Any  # (model, noise, cond, steps, cfg) -> images
-    conditions: Any  # (model, n) -> (n evenly spread conditions, the null condition)
+    sample: Any  # (model, noise, cond, steps, cfg) -> samples
+    conditions: Any  # (model, n, source=None) -> Conditions
+    null_conditions: Any  # (model, source=None) -> Conditions (one row) | None
+    noise: Any  # (model, x0, gen) -> (x_t, t, target)
+    latent_shape: Any  # (model, resolution=None) -> tuple
+    vae_scale: Any  # (model) -> int
+    groups: tuple[str, ...] = ("blocks",)
+    builders: Any = None
 
     def site_map(self, model: nn.Module) -> dict[str, Site]:
         return {s.path: s for s in self.sites(model)}
+
+    def builder(self, site: Site, op: Any):
+        """The function that builds `op` at `site`; UnsupportedOperator names the operators that do work there."""
+        if self.builders is None:
+            return op.build
+        found = self.builders(site, op.name)
+        if found is None:
+            from dit_graft.operators import OPERATORS
+
+            ok = [n for n, o in OPERATORS.items() if o.site == site.kind and self.builders(site, n) is not None]
+            group = getattr(site, "group", "blocks")
+            raise UnsupportedOperator(
+                f"operator {op.name!r} does not support the {self.name} family's {group} {site.kind} sites yet "
+                f"(supported there: {', '.join(ok) or 'none'})"
+            )
+        return op.build if found == GENERIC else found
 
 
 FAMILIES: Registry[Family] = Registry("family")
@@ -61,6 +118,48 @@ def family_for_class(class_name: str) -> Family | None:
     return None
 
 
+def all_groups() -> list[str]:
+    """Every block-group name some registered family has."""
+    return sorted({g for _, fam in FAMILIES.items() for g in fam.groups})
+
+
+def take_rows(cond: Conditions, idx: torch.Tensor | slice) -> Conditions:
+    """The conditions of the selected samples."""
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def conditions_to(cond: Conditions, device: Any) -> Conditions:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def cat_conditions(*conds: Conditions) -> Conditions:
+    """Concatenates condition batches along the sample dimension."""
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def num_conditions(cond: Conditions) -> int:
+    return next(iter(cond.values())).shape[0]
+
+
+def expand_null(null: Conditions, like: Conditions) -> Conditions:
+    """The one-row null condition repeated for every row of `like` (keys null lacks are kept from `like`)."""
+    n = num_conditions(like)
+    return {k: null[k].to(v.device).expand(n, *v.shape[1:]) if k in null else v for k, v in like.items()}
+
+
+def drop_to_null(cond: Conditions, null: Conditions | None, mask: torch.Tensor) -> Conditions:
+    """cond with the rows where `mask` is True replaced by the one-row null condition (no null: unchanged)."""
+    if null is None:
+        return cond
+    out = {}
+    for k, v in cond.items():
+        if k in null:
+            keep = mask.view(-1, *([1] * (v.dim() - 1)))
+            v = torch.where(keep, null[k].to(v.dtype).expand_as(v), v)
+        out[k] = v
+    return out
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -69,13 +168,30 @@ def count_flops(model: nn.Module, inputs: dict[str, Any]) -> tuple[int, dict[str
     """Total forward FLOPs and FLOPs per module path, measured by torch's FlopCounterMode.
 
     Counts matmuls, convolutions and attention kernels (2 FLOPs per multiply-add); works on the meta
-    device, so full-size models are counted without weights.
+    device, so full-size models are counted without weights. On the CPU, SDPA runs its math backend while
+    counting (its fused CPU kernel is invisible to FlopCounterMode), so attention is counted there too.
+
+    A module with an integer `flop_correction` attribute (processors whose PyTorch path does dense work
+    where their kernel skips it, e.g. masked attention) adds it up during the forward: the kernel's
+    FLOPs minus the dense FLOPs counted. It is applied to that module, its ancestors and the total.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    corrected = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "flop_correction", None), int)}
+    for m in corrected.values():
+        m.flop_correction = 0
+    cpu = any(p.device.type == "cpu" for p in model.parameters())
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH) if cpu else contextlib.nullcontext():
         model(**inputs)
-    root = type(model).__name__ + "."
-    per_module = {k.removeprefix(root): sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    return counter.get_total_flops(), per_module
+    root_name = type(model).__name__
+    per_module = {k.removeprefix(root_name + "."): sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    total = counter.get_total_flops()
+    for name, m in corrected.items():
+        delta = m.flop_correction
+        for key in per_module:
+            if key in ("Global", root_name) or key == name or name.startswith(key + "."):
+                per_module[key] += delta
+        total += delta
+    return total, per_module

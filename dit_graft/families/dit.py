@@ -9,8 +9,8 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from dit_graft.diffusion import Schedule, ddim_sample
-from dit_graft.families.base import FAMILIES, Family
-from dit_graft.operators.base import Site, TokenGrid
+from dit_graft.families.base import FAMILIES, Conditions, Family, FamilySite, expand_null
+from dit_graft.operators.base import TokenGrid
 
 
 def freeze_label_dropout(model: nn.Module) -> nn.Module:
@@ -21,19 +21,19 @@ def freeze_label_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def _sites(model: nn.Module) -> list[Site]:
+def _sites(model: nn.Module) -> list[FamilySite]:
     grid = getattr(model, "_dit_graft_grid", None) or TokenGrid()
     cfg = model.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     sites = []
     for i, _ in enumerate(model.transformer_blocks):
-        sites.append(Site(f"transformer_blocks.{i}.attn1", "attention", i, dim, cfg.num_attention_heads, grid))
-        sites.append(Site(f"transformer_blocks.{i}.ff", "mlp", i, dim, None, grid))
+        sites.append(FamilySite(f"transformer_blocks.{i}.attn1", "attention", i, dim, cfg.num_attention_heads, grid))
+        sites.append(FamilySite(f"transformer_blocks.{i}.ff", "mlp", i, dim, None, grid))
     return sites
 
 
-def _install_grid(model: nn.Module) -> TokenGrid:
-    """Records the token grid (H/p, W/p) of every forward call for grid-aware operators."""
+def install_image_grid(model: nn.Module) -> TokenGrid:
+    """Records the token grid (H/p, W/p) of every forward call for grid-aware operators (DiT, PixArt)."""
     grid = getattr(model, "_dit_graft_grid", None)
     if grid is not None:
         return grid
@@ -60,20 +60,46 @@ def _example_inputs(model: nn.Module, batch: int, resolution: int | None, device
     )
 
 
-def _sample(model: nn.Module, noise: torch.Tensor, cond: torch.Tensor, steps: int = 50, cfg: float = 1.0):
+def latent_shape(model: nn.Module, resolution: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of one sample: the configured sample_size unless `resolution` (latent pixels) is given."""
+    size = resolution or model.config.sample_size
+    return (model.config.in_channels, size, size)
+
+
+def vae_scale(model: nn.Module) -> int:
+    """A 4-channel DiT is a latent model under the SD VAE (8×); other channel counts are pixel-space."""
+    return 8 if model.config.in_channels == 4 else 1
+
+
+def _sample(
+    model: nn.Module, noise: torch.Tensor, cond: Conditions, steps: int = 50, cfg: float = 1.0, null=None
+) -> torch.Tensor:
     """DDIM (η = 0) on the eps channels, with classifier-free guidance through the null class."""
+    fn = lambda x, t, c: model(hidden_states=x, timestep=t, class_labels=c["class_labels"]).sample
+    uncond = expand_null(null or _null_conditions(model), cond)
+    return ddim_sample(fn, Schedule.linear(), noise, cond, uncond, steps=steps, cfg=cfg)
+
+
+def _conditions(model: nn.Module, n: int, source: str | None = None) -> Conditions:
+    if source is not None:
+        raise ValueError("distill.conditions: the dit family is class-conditional and takes no embeddings file")
+    return {"class_labels": torch.arange(n) % model.config.num_embeds_ada_norm}
+
+
+def _null_conditions(model: nn.Module, source: str | None = None) -> Conditions:
+    return {"class_labels": torch.tensor([model.config.num_embeds_ada_norm])}  # the label table's null row
+
+
+def ddpm_noise(model: nn.Module, x0: torch.Tensor, gen: torch.Generator):
+    """x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε at a uniform t of the 1000-step linear schedule; target ε."""
     schedule = Schedule.linear()
-    fn = lambda x, t, y: model(hidden_states=x, timestep=t, class_labels=y).sample
-    return ddim_sample(fn, schedule, noise, cond, model.config.num_embeds_ada_norm, steps=steps, cfg=cfg)
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return schedule.q_sample(x0, t, noise), t, noise
 
 
-def _conditions(model: nn.Module, n: int) -> tuple[torch.Tensor, int]:
-    classes = model.config.num_embeds_ada_norm
-    return torch.arange(n) % classes, classes
-
-
-def _forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    return model(hidden_states=x, timestep=t, class_labels=cond).sample
+def _forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
+    return model(hidden_states=x, timestep=t, class_labels=cond["class_labels"]).sample
 
 
 DIT = FAMILIES.register("dit")(
@@ -82,12 +108,16 @@ DIT = FAMILIES.register("dit")(
         classes=("DiTTransformer2DModel",),
         objective="eps_sigma",
         sites=_sites,
-        install_grid=_install_grid,
+        install_grid=install_image_grid,
         example_inputs=_example_inputs,
         forward=_forward,
         num_layers=lambda model: len(model.transformer_blocks),
         blocks=lambda model: list(model.transformer_blocks),
         sample=_sample,
         conditions=_conditions,
+        null_conditions=_null_conditions,
+        noise=ddpm_noise,
+        latent_shape=latent_shape,
+        vae_scale=vae_scale,
     )
 )

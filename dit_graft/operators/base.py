@@ -1,11 +1,18 @@
-"""The operator registry: what an operator is and how the walker installs what it builds."""
+"""The operator registry: what an operator is and how the walker installs what it builds.
+
+Also the helpers that several operators share (self-attention plumbing, the masked-softmax processor,
+identity-initialised depthwise convs, FFN inheritance), so that no operator imports another's module.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -52,6 +59,13 @@ class Operator:
 
     `installs` says how the walker puts it in: as the attention module's processor (the Attention and
     its to_q/to_k/to_v/to_out stay and are inherited for free) or as a replacement module.
+
+    `flops(site, tokens, options) -> int`, when given, is the attention core's forward FLOPs for one
+    image of `tokens` tokens at `site`, as the operator's kernel does the work (a masked or sparse
+    operator counts only the kept query-key pairs). Conventions, those of torch's FlopCounterMode so
+    that the two add up: 2 FLOPs per multiply-add, matmuls and convolutions only (no softmax, no
+    elementwise products, no bias adds); the Attention's q/k/v/out projections are excluded (no
+    processor changes them; FlopCounterMode measures them), the operator's own layers included.
     """
 
     name: str
@@ -61,6 +75,7 @@ class Operator:
     build: Any  # Callable[[nn.Module, Site, Options], nn.Module | None]
     installs: Literal["processor", "module"] = "processor"
     paper: str = ""
+    flops: Any = None  # Callable[[Site, int, Options], int] | None
 
     def parse_options(self, raw: dict[str, Any]) -> Options:
         return self.options.model_validate(raw)
@@ -70,8 +85,28 @@ OPERATORS: Registry[Operator] = Registry("operator")
 
 
 def register(op: Operator) -> Operator:
-    """Registers an operator under its name."""
-    return OPERATORS.register(op.name)(op)
+    """Registers an operator under its name; what its builder returns is tagged with (name, options).
+
+    The tag (`installed_operator`) lets cost reports find the operator and its options on a grafted
+    model without the plan.
+    """
+    build = op.build
+
+    def tagged_build(old: nn.Module, site: Site, options: Options):
+        new = build(old, site, options)
+        if new is not None:
+            new._dit_graft_operator = (op.name, options)
+        return new
+
+    return OPERATORS.register(op.name)(replace(op, build=tagged_build))
+
+
+def installed_operator(module: Any) -> tuple[Operator, Options] | None:
+    """The operator and options that built `module` (a processor or a replacement module), if one did."""
+    tag = getattr(module, "_dit_graft_operator", None)
+    if tag is None:
+        return None
+    return OPERATORS.get(tag[0]), tag[1]
 
 
 def new_parameters(module: nn.Module) -> list[str]:
@@ -89,3 +124,117 @@ def from_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, d) → (B, N, H·d)."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def band_pairs(n: int, reach: int) -> int:
+    """Pairs (i, j) of positions in range(n) with |i − j| ≤ reach: Σ_{|δ| ≤ m} (n − |δ|), m = min(reach, n − 1)."""
+    m = min(reach, n - 1)
+    return (2 * m + 1) * n - m * (m + 1)
+
+
+def attention_pairs_flops(pairs: int, channels: int) -> int:
+    """Softmax-attention core FLOPs over `pairs` query-key pairs: q·k and p·v, one multiply-add per channel each."""
+    return 4 * pairs * channels
+
+
+def check_self_attention(attn: nn.Module, op: str) -> None:
+    """Refuses Attention features the grafted processors do not reproduce, before anything is swapped."""
+    unsupported = {
+        "cross-attention": getattr(attn, "is_cross_attention", False),
+        "spatial_norm": getattr(attn, "spatial_norm", None) is not None,
+        "group_norm": getattr(attn, "group_norm", None) is not None,
+        "residual_connection": getattr(attn, "residual_connection", False),
+        "rescale_output_factor": getattr(attn, "rescale_output_factor", 1.0) != 1.0,
+    }
+    found = [k for k, v in unsupported.items() if v]
+    if found:
+        raise ValueError(f"the {op} operator replaces plain self-attention only (this one has {', '.join(found)})")
+
+
+def self_attention_qkv(
+    attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states, attention_mask, op: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, N, d) from the Attention's own projections and norm_q/norm_k; refuses context and masks."""
+    if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
+        raise ValueError(f"the {op} operator replaces self-attention on (B, N, C) tokens only (no context)")
+    q = to_heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
+    k = to_heads(attn.to_k(hidden_states), attn.heads)
+    v = to_heads(attn.to_v(hidden_states), attn.heads)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+def attention_output(attn: nn.Module, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The Attention's output projection and dropout applied to per-head outputs o (B, H, N, d) → (B, N, C)."""
+    o = attn.to_out[0](from_heads(o).to(dtype))  # (B, N, C)
+    return attn.to_out[1](o)
+
+
+class MaskedSoftmaxProcessor(nn.Module):
+    """Exact softmax self-attention with the Attention's projections and a boolean mask from `mask(n, device)`.
+
+    Subclasses define `mask`; masks are cached per key; `None` means no mask (every key visible).
+    """
+
+    op = "masked softmax"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    def mask(self, n: int, device: torch.device) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def cached(self, key: tuple, build) -> torch.Tensor | None:
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        q, k, v = self_attention_qkv(attn, hidden_states, encoder_hidden_states, attention_mask, self.op)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q.shape[2], q.device))  # (B, H, N, d)
+        return attention_output(attn, o, q.dtype)
+
+
+def identity_depthwise(conv: nn.Conv2d) -> nn.Conv2d:
+    """Sets a depthwise conv to the identity: centre tap 1, others 0, bias 0."""
+    k = conv.kernel_size[0]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, k // 2, k // 2] = 1.0
+        if conv.bias is not None:
+            conv.bias.zero_()
+    return conv
+
+
+@dataclass
+class FeedForwardLayout:
+    """The parts of a diffusers FeedForward (GELU activation) that a replacement inherits."""
+
+    fc1: nn.Linear
+    fc2: nn.Linear
+    approximate: str
+    dropout: float
+    final_dropout: bool
+
+
+def read_feedforward(old: nn.Module, site: Site, op: str) -> FeedForwardLayout:
+    """The teacher FFN's layers, or a ValueError naming what this operator cannot inherit."""
+    if not isinstance(old, FeedForward) or not isinstance(old.net[0], GELU):
+        act = type(old.net[0]).__name__ if isinstance(old, FeedForward) else None
+        raise ValueError(f"{op} needs a diffusers FeedForward with a GELU activation (got {type(old).__name__}, {act})")
+    fc1, fc2 = old.net[0].proj, old.net[2]
+    if fc1.in_features != site.dim:
+        raise ValueError(f"{op}: the FFN's input width {fc1.in_features} is not the model width {site.dim}")
+    return FeedForwardLayout(fc1, fc2, old.net[0].approximate, old.net[1].p, len(old.net) == 4)
+
+
+def inherit(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """Copies a teacher tensor into a student tensor of the same shape."""
+    if dst.shape != src.shape:
+        raise ValueError(f"cannot inherit {name}: student shape {tuple(dst.shape)} != teacher {tuple(src.shape)}")
+    with torch.no_grad():
+        dst.copy_(src)

@@ -18,9 +18,16 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from dit_graft.operators.base import Operator, Options, Site, TokenGrid, register
-from dit_graft.operators.gated_conv import identity_depthwise
-from dit_graft.operators.mlp_ratio import inherit, read_feedforward
+from dit_graft.operators.base import (
+    Operator,
+    Options,
+    Site,
+    TokenGrid,
+    identity_depthwise,
+    inherit,
+    read_feedforward,
+    register,
+)
 
 
 class ConvMlpOptions(Options):

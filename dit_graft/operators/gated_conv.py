@@ -12,6 +12,9 @@ input tokens within Chebyshev distance 2⌊k/2⌋ of p; the cost is O(N·C·k²)
 No softmax, no heads: norm_q/norm_k, when the Attention has them, are applied per head before the
 featurizers.
 
+FLOPs (the operator's formula): 8·N·C·k² (the four depthwise filters on C channels each, 2 FLOPs
+per tap; the products ⊙ are not counted, as FlopCounterMode does not count them).
+
 Inheritance: the Attention module stays, so to_q/to_k/to_v/to_out are the teacher's. The new
 parameters are the filters: D_q, D_k, D_v (one grouped conv over the 3C projected channels) start
 as the identity (centre tap 1, others 0, bias 0), so q̃, k̃, ṽ start as the teacher's projections;
@@ -25,8 +28,17 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from dit_graft.operators.base import Operator, Options, Site, TokenGrid, from_heads, register, to_heads
-from dit_graft.operators.local import check_self_attention
+from dit_graft.operators.base import (
+    Operator,
+    Options,
+    Site,
+    TokenGrid,
+    check_self_attention,
+    from_heads,
+    identity_depthwise,
+    register,
+    to_heads,
+)
 
 
 class GatedConvOptions(Options):
@@ -40,17 +52,6 @@ class GatedConvOptions(Options):
         if k % 2 == 0:
             raise ValueError(f"kernel must be odd (got {k}): the filters keep the grid's size")
         return k
-
-
-def identity_depthwise(conv: nn.Conv2d) -> nn.Conv2d:
-    """Sets a depthwise conv to the identity: centre tap 1, others 0, bias 0."""
-    k = conv.kernel_size[0]
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[:, :, k // 2, k // 2] = 1.0
-        if conv.bias is not None:
-            conv.bias.zero_()
-    return conv
 
 
 class GatedConvProcessor(nn.Module):
@@ -93,6 +94,11 @@ def build_gated_conv(old: nn.Module, site: Site, options: GatedConvOptions) -> G
     return GatedConvProcessor(widths.pop(), options.kernel, site.grid)
 
 
+def gated_conv_flops(site: Site, tokens: int, options: GatedConvOptions) -> int:
+    """8·N·C·k²: D_q, D_k, D_v and D_h, k² taps per token and channel."""
+    return 2 * tokens * 4 * site.dim * options.kernel**2
+
+
 register(
     Operator(
         name="gated_conv",
@@ -101,5 +107,6 @@ register(
         options=GatedConvOptions,
         build=build_gated_conv,
         paper="Grafting (Chandrasegaran et al. 2025); Hyena (Poli et al. 2023)",
+        flops=gated_conv_flops,
     )
 )

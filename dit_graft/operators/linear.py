@@ -8,6 +8,9 @@ k×k depthwise convolution of V over the token grid to the output (LiT's localit
 zero-initialised, so at inheritance time the student is exactly linear attention on the teacher's
 q/k/v/out projections. `heads` may be fewer than the teacher's: the inherited projections are kept
 and only split into fewer, wider heads (LiT's "few heads" guideline).
+
+FLOPs (the operator's formula), with d = C / heads: 4·N·d·C for S and φ(Q)S, plus 2·N·C for the
+normaliser φ(Q)z (`norm: divide`), plus 2·N·C·k² for the depthwise conv.
 """
 
 from __future__ import annotations
@@ -82,6 +85,16 @@ def build_linear(old: nn.Module, site: Site, options: LinearOptions) -> LinearAt
     return LinearAttnProcessor(site.dim, heads, options, site.grid)
 
 
+def linear_flops(site: Site, tokens: int, options: LinearOptions) -> int:
+    """4·N·d·C (+ 2·N·C for the normaliser, + 2·N·C·k² for the conv)."""
+    c = site.dim
+    d = c // (options.heads or site.heads)
+    flops = 4 * tokens * d * c
+    if options.norm == "divide":
+        flops += 2 * tokens * c
+    return flops + 2 * tokens * c * options.dwconv**2
+
+
 register(
     Operator(
         name="linear",
@@ -90,5 +103,6 @@ register(
         options=LinearOptions,
         build=build_linear,
         paper="LiT (Wang et al. 2025); SANA; TransNormer",
+        flops=linear_flops,
     )
 )

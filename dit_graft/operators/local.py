@@ -12,9 +12,22 @@ it). With (Δy, Δx) = p_i − p_j and the radius r = `window` (a float, in toke
 
 Borders are not padded: a query near an edge has fewer keys. A token always sees itself (r > 0), so
 no row is empty. r² is taken in float64, so e.g. r = √2 (r² = 2.0000000000000004) includes the
-diagonal neighbours. The PyTorch path builds the boolean (N, N) mask once per (h, w, device) and
-runs `F.scaled_dot_product_attention` with it: exact, but still O(N²) work (the saving needs a
-sparse kernel). A window that covers the whole grid passes no mask: it is softmax attention.
+diagonal neighbours. A window that covers the whole grid passes no mask: it is softmax attention.
+
+Two paths compute the same thing. When `dit_graft.kernels.tile_attention` would run its Triton kernel
+(fp16/bf16/fp32 CUDA inputs with head dims up to 128, or DIT_GRAFT_KERNELS=triton; never with
+DIT_GRAFT_KERNELS=naive), the processor calls it: it visits only the key tiles near each query tile.
+Otherwise it builds the boolean (N, N) mask once per (h, w, device) and runs
+`F.scaled_dot_product_attention` with it: exact, but O(N²) work.
+
+The kernel's window is an int W with the same rules, square max(|Δy|, |Δx|) ≤ W and circle
+Δy² + Δx² < W², so the processor maps r onto it for the current grid (`tile_window`): square
+W = ⌊r⌋, always exact; circle, the smallest W above every in-window offset, exact only when no offset
+of the grid falls in [⌈r²⌉, W²) — true for integer r and e.g. r = 1.5 or √2, false for r = 2.5
+(Δ = (2, 2) is out, W = 3 would let it in). A circle with no exact W takes the masked path.
+
+FLOPs (the operator's formula): 4·P·C for the P query-key pairs inside the windows, counted exactly
+(what a sparse kernel computes; the PyTorch path above does the dense 4·N²·C).
 
 Inheritance: the processor uses the Attention's own to_q/to_k/to_v/to_out (and norm_q/norm_k when
 present), so every teacher weight is kept; it adds no parameters.
@@ -22,6 +35,7 @@ present), so every teacher weight is kept; it adds no parameters.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -30,7 +44,23 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from dit_graft.operators.base import Operator, Options, Site, TokenGrid, from_heads, register, to_heads
+from dit_graft.kernels import tile_attention
+from dit_graft.kernels._checks import head_dim_over
+from dit_graft.kernels._dispatch import use_triton
+from dit_graft.kernels.tile import MAX_TRITON_HEAD_DIM
+from dit_graft.operators.base import (
+    MaskedSoftmaxProcessor,
+    Operator,
+    Options,
+    Site,
+    TokenGrid,
+    attention_output,
+    attention_pairs_flops,
+    band_pairs,
+    check_self_attention,
+    register,
+    self_attention_qkv,
+)
 
 
 class LocalOptions(Options):
@@ -38,20 +68,6 @@ class LocalOptions(Options):
 
     window: float = Field(default=8.0, gt=0, description="radius r on the token grid, in tokens")
     shape: Literal["circle", "square"] = "circle"
-
-
-def check_self_attention(attn: nn.Module, op: str) -> None:
-    """Refuses Attention features the grafted processors do not reproduce, before anything is swapped."""
-    unsupported = {
-        "cross-attention": getattr(attn, "is_cross_attention", False),
-        "spatial_norm": getattr(attn, "spatial_norm", None) is not None,
-        "group_norm": getattr(attn, "group_norm", None) is not None,
-        "residual_connection": getattr(attn, "residual_connection", False),
-        "rescale_output_factor": getattr(attn, "rescale_output_factor", 1.0) != 1.0,
-    }
-    found = [k for k, v in unsupported.items() if v]
-    if found:
-        raise ValueError(f"the {op} operator replaces plain self-attention only (this one has {', '.join(found)})")
 
 
 def grid_window_mask(h: int, w: int, radius: float, shape: str, device: torch.device) -> torch.Tensor:
@@ -76,40 +92,36 @@ def grid_window_is_full(h: int, w: int, radius: float, shape: str) -> bool:
     return max(h, w) - 1 <= math.floor(radius)
 
 
-class MaskedSoftmaxProcessor(nn.Module):
-    """Exact softmax self-attention with the Attention's projections and a boolean mask from `mask(n, device)`.
+def grid_window_pairs(h: int, w: int, radius: float, shape: str) -> int:
+    """Query-key pairs inside the windows on the h×w grid: the number of True entries of `grid_window_mask`."""
+    if shape == "square":
+        reach = math.floor(radius)
+        return band_pairs(h, reach) * band_pairs(w, reach)
+    r2 = math.ceil(radius * radius)
+    pairs = 0
+    for dy in range(-(h - 1), h):
+        room = r2 - dy * dy  # dx² < room
+        if room > 0:
+            pairs += (h - abs(dy)) * band_pairs(w, math.isqrt(room - 1))
+    return pairs
 
-    Masks are cached per key; `None` means no mask (every key visible).
-    """
 
-    op = "masked softmax"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._masks: dict[tuple, torch.Tensor | None] = {}
-
-    def mask(self, n: int, device: torch.device) -> torch.Tensor | None:
-        raise NotImplementedError
-
-    def cached(self, key: tuple, build) -> torch.Tensor | None:
-        if key not in self._masks:
-            self._masks[key] = build()
-        return self._masks[key]
-
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
-            raise ValueError(f"the {self.op} operator replaces self-attention on (B, N, C) tokens only (no context)")
-        n = hidden_states.shape[1]
-        q = to_heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
-        k = to_heads(attn.to_k(hidden_states), attn.heads)
-        v = to_heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(n, q.device))  # (B, H, N, d)
-        o = attn.to_out[0](from_heads(o).to(q.dtype))  # (B, N, C)
-        return attn.to_out[1](o)
+@functools.lru_cache(maxsize=256)
+def tile_window(h: int, w: int, radius: float, shape: str) -> int | None:
+    """The `tile_attention` window giving exactly this window's mask on the h×w grid, or None when no int does."""
+    if shape == "square":
+        return math.floor(radius)
+    r2 = math.ceil(radius * radius)
+    inside, outside = 0, None  # the largest offset dist² < r², the smallest ≥ r², over the grid's offsets
+    for dy in range(h):
+        room = r2 - dy * dy
+        if room > 0:
+            inside = max(inside, dy * dy + min(w - 1, math.isqrt(room - 1)) ** 2)
+        dx = 0 if room <= 0 else math.isqrt(room - 1) + 1  # the smallest dx with dy² + dx² ≥ r²
+        if dx < w and (outside is None or dy * dy + dx * dx < outside):
+            outside = dy * dy + dx * dx
+    window = math.isqrt(inside) + 1  # the smallest W with W² > inside
+    return window if outside is None or window * window <= outside else None
 
 
 class LocalAttnProcessor(MaskedSoftmaxProcessor):
@@ -129,10 +141,27 @@ class LocalAttnProcessor(MaskedSoftmaxProcessor):
             return None
         return self.cached((h, w, device), lambda: grid_window_mask(h, w, self.radius, self.shape, device))
 
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        q, k, v = self_attention_qkv(attn, hidden_states, encoder_hidden_states, attention_mask, self.op)
+        h, w = self.grid.resolve(q.shape[2])
+        full = grid_window_is_full(h, w, self.radius, self.shape)
+        window = None if full else tile_window(h, w, self.radius, self.shape)
+        if window is not None and use_triton("local", q, k, v, unsupported=head_dim_over(MAX_TRITON_HEAD_DIM, q, v)):
+            o = tile_attention(q, k, v, (h, w), window, self.shape)  # (B, H, N, d)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q.shape[2], q.device))  # (B, H, N, d)
+        return attention_output(attn, o, q.dtype)
+
 
 def build_local(old: nn.Module, site: Site, options: LocalOptions) -> LocalAttnProcessor:
     check_self_attention(old, "local")
     return LocalAttnProcessor(options, site.grid)
+
+
+def local_flops(site: Site, tokens: int, options: LocalOptions) -> int:
+    """4·P·C over the P in-window pairs of the site's token grid."""
+    h, w = site.grid.resolve(tokens)
+    return attention_pairs_flops(grid_window_pairs(h, w, options.window, options.shape), site.dim)
 
 
 register(
@@ -143,5 +172,6 @@ register(
         options=LocalOptions,
         build=build_local,
         paper="CLEAR (Liu et al. 2024)",
+        flops=local_flops,
     )
 )

@@ -27,17 +27,15 @@ net.0.proj / net.2, dropout copied); the inherited tensors are copied with their
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
 from pydantic import Field
 from torch import nn
 
-from dit_graft.operators.base import Operator, Options, Site, register
+from dit_graft.operators.base import FeedForwardLayout, Operator, Options, Site, inherit, read_feedforward, register
 
 
 class MlpRatioOptions(Options):
@@ -47,36 +45,6 @@ class MlpRatioOptions(Options):
     importance: Literal["magnitude", "taylor"] = "magnitude"
     calibration_tokens: int = Field(default=1024, ge=1, le=65536, description="random tokens scored by taylor")
     seed: int = Field(default=0, ge=0, description="seed of the taylor calibration tokens")
-
-
-@dataclass
-class FeedForwardLayout:
-    """The parts of a diffusers FeedForward (GELU activation) that a replacement inherits."""
-
-    fc1: nn.Linear
-    fc2: nn.Linear
-    approximate: str
-    dropout: float
-    final_dropout: bool
-
-
-def read_feedforward(old: nn.Module, site: Site, op: str) -> FeedForwardLayout:
-    """The teacher FFN's layers, or a ValueError naming what this operator cannot inherit."""
-    if not isinstance(old, FeedForward) or not isinstance(old.net[0], GELU):
-        act = type(old.net[0]).__name__ if isinstance(old, FeedForward) else None
-        raise ValueError(f"{op} needs a diffusers FeedForward with a GELU activation (got {type(old).__name__}, {act})")
-    fc1, fc2 = old.net[0].proj, old.net[2]
-    if fc1.in_features != site.dim:
-        raise ValueError(f"{op}: the FFN's input width {fc1.in_features} is not the model width {site.dim}")
-    return FeedForwardLayout(fc1, fc2, old.net[0].approximate, old.net[1].p, len(old.net) == 4)
-
-
-def inherit(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    """Copies a teacher tensor into a student tensor of the same shape."""
-    if dst.shape != src.shape:
-        raise ValueError(f"cannot inherit {name}: student shape {tuple(dst.shape)} != teacher {tuple(src.shape)}")
-    with torch.no_grad():
-        dst.copy_(src)
 
 
 def magnitude_importance(ffn: FeedForwardLayout) -> torch.Tensor:

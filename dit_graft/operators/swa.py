@@ -11,6 +11,9 @@ The PyTorch path builds the boolean (N, N) band once per (N, device) and runs
 `F.scaled_dot_product_attention` with it (exact, still O(N²) work). A window with ⌊w/2⌋ ≥ N − 1
 passes no mask: it is softmax attention.
 
+FLOPs (the operator's formula): 4·P·C for the P = Σ_i |band(i)| query-key pairs in the band (what a
+banded kernel computes; the PyTorch path above does the dense 4·N²·C).
+
 Inheritance: the processor uses the Attention's own to_q/to_k/to_v/to_out (and norm_q/norm_k when
 present), so every teacher weight is kept; it adds no parameters.
 """
@@ -21,8 +24,16 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from dit_graft.operators.base import Operator, Options, Site, register
-from dit_graft.operators.local import MaskedSoftmaxProcessor, check_self_attention
+from dit_graft.operators.base import (
+    MaskedSoftmaxProcessor,
+    Operator,
+    Options,
+    Site,
+    attention_pairs_flops,
+    band_pairs,
+    check_self_attention,
+    register,
+)
 
 
 class SwaOptions(Options):
@@ -57,6 +68,11 @@ def build_swa(old: nn.Module, site: Site, options: SwaOptions) -> SlidingWindowA
     return SlidingWindowAttnProcessor(options)
 
 
+def swa_flops(site: Site, tokens: int, options: SwaOptions) -> int:
+    """4·P·C over the P pairs with |i − j| ≤ w // 2."""
+    return attention_pairs_flops(band_pairs(tokens, options.window // 2), site.dim)
+
+
 register(
     Operator(
         name="swa",
@@ -65,5 +81,6 @@ register(
         options=SwaOptions,
         build=build_swa,
         paper="Grafting (Chandrasegaran et al. 2025)",
+        flops=swa_flops,
     )
 )
