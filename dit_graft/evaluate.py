@@ -122,14 +122,18 @@ def sample_grid(
     return np.concatenate([*parts, block(student)], axis=1)
 
 
-def write_report(report: dict[str, Any], grid: np.ndarray, out: Path, scale: int = 3) -> None:
-    """Writes report.json, report.md and samples.png into `out`."""
+def save_grid(grid: np.ndarray, path: Path, scale: int = 3) -> None:
+    """Saves a uint8 grid as a PNG, upscaled with nearest neighbours so single pixels stay visible."""
     from PIL import Image
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def write_report(report: dict[str, Any], grid: np.ndarray, out: Path) -> None:
+    """Writes report.json, report.md and samples.png into `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
-        out / "samples.png"
-    )
+    save_grid(grid, out / "samples.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items())
     (out / "report.md").write_text(

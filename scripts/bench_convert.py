@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import cpu_peak_mb, machine
 from _docs import write_section
 from diffusers import DiTTransformer2DModel
 
@@ -127,18 +127,11 @@ def forward_peak_mb(which: str, tokens: int, device: torch.device) -> float:
 
 
 def _peak_child(which: str, tokens: int) -> None:
-    """In a fresh process: load one model, run one forward, print the peak RSS growth in MB."""
-    import resource
-
-    import psutil
-
+    """In a fresh process: load one model, run one forward, print its peak RSS growth in MB."""
     model, inputs = dit_s(tokens, torch.device("cpu"))
     model = student_of(model) if which == "student" else model
-    before = max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     with torch.no_grad():
-        model(**inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(max(peak - before, 0) / 2**20)
+        print(cpu_peak_mb(lambda: model(**inputs)))
 
 
 def bench_latency(device: torch.device, repeats: int, tokens: list[int]) -> list[tuple]:
@@ -153,12 +146,6 @@ def bench_latency(device: torch.device, repeats: int, tokens: list[int]) -> list
             (n, t_ms, s_ms, s_ms / t_ms, forward_peak_mb("teacher", n, device), forward_peak_mb("student", n, device))
         )
     return rows
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main() -> None:

@@ -29,8 +29,6 @@ import importlib.util
 import math
 import multiprocessing
 import os
-import platform
-import resource
 import shlex
 import statistics
 import sys
@@ -38,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import cpu_peak_mb, machine
 from _docs import write_section
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
@@ -84,13 +83,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _rss() -> int:
-    """The larger of the current and the peak resident set size, in bytes."""
-    import psutil
-
-    return max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
 def measure(name: str, options: dict, tokens: int, repeats: int, budget_s: float, device: str) -> dict:
     """Peak memory of the first forward (MB) and the median latency of the timed ones (ms)."""
     dev = torch.device(device)
@@ -105,9 +97,7 @@ def measure(name: str, options: dict, tokens: int, repeats: int, budget_s: float
             torch.cuda.synchronize()
             peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            before = _rss()
-            attn(x)
-            peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, 0) / 2**20
+            peak_mb = cpu_peak_mb(lambda: attn(x))
         times: list[float] = []
         while not times or (len(times) < repeats and sum(times) < budget_s * 1e3):
             _sync(dev)
@@ -152,17 +142,6 @@ def formula_ratio(name: str, options: dict, tokens: int) -> float | None:
         return None
     site = _site(tokens)
     return op.flops(site, tokens, op.parse_options(options)) / softmax.flops(site, tokens, None)
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} thread(s), torch {torch.__version__}"
 
 
 def _fmt_ratio(value: float | None) -> str:
