@@ -47,6 +47,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from dit_graft.kernels import sla_attention, sla_block_index
+from dit_graft.kernels.block_sparse.index import keep_count
 from dit_graft.operators.base import (
     Operator,
     Options,
@@ -103,10 +104,8 @@ class SlaOptions(Options):
 
 
 def critical_blocks(critical: int | float, n_blocks: int) -> int:
-    """Critical key blocks per query block: a count capped at n_blocks, or ⌈fraction · n_blocks⌉ (at least one)."""
-    if isinstance(critical, int):
-        return min(critical, n_blocks)
-    return max(1, math.ceil(critical * n_blocks))
+    """Key blocks per query block, counted exactly as the kernel counts them (a count, or ⌈fraction · n⌉ ≥ 1)."""
+    return keep_count(critical, n_blocks)
 
 
 class SlaAttnProcessor(nn.Module):

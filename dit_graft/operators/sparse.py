@@ -32,6 +32,7 @@ from pydantic import field_validator
 from torch import nn
 
 from dit_graft.kernels import block_sparse_attention, topk_block_index
+from dit_graft.kernels.block_sparse.index import keep_count
 from dit_graft.operators.base import (
     Operator,
     Options,
@@ -71,10 +72,8 @@ class SparseOptions(Options):
 
 
 def kept_blocks(keep: int | float, n_blocks: int) -> int:
-    """Key blocks each query block keeps: a count capped at n_blocks, or ⌈fraction · n_blocks⌉ (at least one)."""
-    if isinstance(keep, int):
-        return min(keep, n_blocks)
-    return max(1, math.ceil(keep * n_blocks))
+    """Key blocks per query block, counted exactly as the kernel counts them (a count, or ⌈fraction · n⌉ ≥ 1)."""
+    return keep_count(keep, n_blocks)
 
 
 class SparseAttnProcessor(nn.Module):
