@@ -22,7 +22,7 @@ from torch import nn
 
 from dit_graft import __version__
 from dit_graft.errors import IntegrityError
-from dit_graft.loading import WEIGHTS_NAME, build_from_config, load_weights, model_dir, read_config
+from dit_graft.loading import WEIGHTS_NAME, build_from_config, load_weights, model_dir, read_config, safetensors_files
 from dit_graft.plan import GraftPlan, apply
 
 GRAFT_JSON = "graft.json"
@@ -138,7 +138,9 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     if not path.exists():
         raise IntegrityError(f"{path}: no such directory")
     directory = model_dir(path)
-    model = build_from_config(read_config(directory))
+    config = read_config(directory)
+    safetensors_files(directory)  # a config-only directory fails here, before a possibly huge model is built
+    model = build_from_config(config)
     graft = read_graft(directory)
     if graft is not None:
         model = apply(model, GraftPlan.model_validate(graft["plan"]), inplace=True)

@@ -202,3 +202,9 @@ def test_half_precision_export_reloads_in_its_dtype(tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in reloaded.parameters())
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, student.state_dict()[k].to(torch.bfloat16)), k
+
+
+def test_config_only_directory_fails_before_building_the_model(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel", "num_layers": 10**6}))
+    with pytest.raises(IntegrityError, match="missing weights file"):
+        dit_graft.from_pretrained(tmp_path)
