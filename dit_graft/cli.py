@@ -119,7 +119,23 @@ def _cost(model, resolution: int | None = None) -> dict[str, Any]:
         attn[site.path] = projections + sum(op.flops(site, n, options) for n in calls)
         total += attn[site.path] - measured
         formula.append(site.path)
-    return {"params": param_count(model), "flops": total, "attention_flops": attn, "attention_formula": formula}
+    params = param_count(model)
+    return {
+        "params": params,
+        "activated_params": params - _routed_unused(model),
+        "flops": total,
+        "attention_flops": attn,
+        "attention_formula": formula,
+    }
+
+
+def _routed_unused(model) -> int:
+    """Parameters a token does not use: those of routed modules (`activated_parameters`) beyond what they activate."""
+    return sum(
+        sum(p.numel() for p in m.parameters()) - m.activated_parameters()
+        for m in model.modules()
+        if callable(getattr(m, "activated_parameters", None))
+    )
 
 
 def _print_plan(graft_plan, before: dict, after: dict) -> None:
@@ -140,6 +156,12 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
         return _fmt(flops) + ("*" if path in cost.get("attention_formula", ()) else "")
 
     for e in graft_plan.edits:
+        if e.kept is not None:
+            dropped = [i for i, new in e.layer_map.items() if new == "dropped"]
+            scored = "" if e.scores is not None else " (unscored: no weights)"
+            table.add_row(
+                str(e.index), "blocks", f"{len(e.layer_map)} → {len(e.kept)}, dropped {dropped}{scored}", "-", "-"
+            )
         for m in e.modules:
             table.add_row(str(e.index), m.path, f"{m.old} → {m.new}", cell(before, m.path), cell(after, m.path))
     out_console.print(table)
@@ -149,6 +171,11 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
     attn_b, attn_a = sum(before["attention_flops"].values()), sum(after["attention_flops"].values())
     for name, b, a in (
         ("parameters", before["params"], after["params"]),
+        *(
+            [("activated parameters", before["activated_params"], after["activated_params"])]
+            if after.get("activated_params", after["params"]) != after["params"]
+            else []
+        ),
         ("FLOPs" + ("*" if formula else ""), before["flops"], after["flops"]),
         ("attention FLOPs" + ("*" if formula else ""), attn_b, attn_a),
     ):

@@ -212,10 +212,12 @@ def distill(
     # precisions in one process (tests, sweeps), so start each from a clean state.
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    # the teacher runs under no_grad; its requires_grad flags are left alone because students deep-copied
+    # from it later (sweeps, tests) would inherit frozen parameters
+    teacher = teacher.to(accelerator.device).eval()
     student = student.to(accelerator.device)
     freeze_label_dropout(student.train())
-    trainable = [p for p in student.parameters() if p.requires_grad]
+    trainable = list(student.requires_grad_(True).parameters())
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     student, opt, sched = accelerator.prepare(student, opt, sched)
@@ -252,7 +254,12 @@ def distill(
                 with accelerator.autocast():
                     s_out = family.forward(student, xt, t, y)
                 batch = LossInputs(
-                    s_out, t_out, target, s_hooks.take() if s_hooks else [], t_hooks.take() if t_hooks else []
+                    s_out,
+                    t_out,
+                    target,
+                    s_hooks.take() if s_hooks else [],
+                    t_hooks.take() if t_hooks else [],
+                    student_model=accelerator.unwrap_model(student),
                 )
                 terms = {k: LOSSES.get(k)(batch) for k in weights}
                 loss = sum(weights[k] * v for k, v in terms.items()) / cfg.grad_accum

@@ -140,10 +140,12 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     directory = model_dir(path)
     config = read_config(directory)
     safetensors_files(directory)  # a config-only directory fails here, before a possibly huge model is built
-    model = build_from_config(config)
     graft = read_graft(directory)
-    if graft is not None:
-        model = apply(model, GraftPlan.model_validate(graft["plan"]), inplace=True)
+    graft_plan = None if graft is None else GraftPlan.model_validate(graft["plan"])
+    # structure edits changed the saved config (num_layers): the plan replays from the teacher's config
+    model = build_from_config({**config, **graft_plan.base_config} if graft_plan is not None else config)
+    if graft_plan is not None:
+        model = apply(model, graft_plan, inplace=True)
         model = model.to(DTYPES[graft.get("dtype", "float32")])
     load_weights(model, directory)
     return model.to(device).eval()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dit_graft.diffusion import split_output
 from dit_graft.registry import Registry
@@ -21,6 +22,7 @@ class LossInputs:
     noise: torch.Tensor  # (B, C_in, H, W) the noise that was added
     student_features: list[torch.Tensor]
     teacher_features: list[torch.Tensor]
+    student_model: nn.Module | None = None  # the student that produced `student` (auxiliary terms read it)
 
 
 LossFn = Callable[[LossInputs], torch.Tensor]
@@ -58,3 +60,16 @@ def feature_mse(b: LossInputs) -> torch.Tensor:
 def task(b: LossInputs) -> torch.Tensor:
     """The ordinary diffusion loss: student eps vs the true noise."""
     return F.mse_loss(_eps(b.student, b.noise).float(), b.noise.float())
+
+
+@LOSSES.register("load_balance")
+def load_balance(b: LossInputs) -> torch.Tensor:
+    """Mean over the student's MoE FFNs of their last forward's load-balancing term (1 when balanced; 0 without)."""
+    terms = [] if b.student_model is None else [m.aux_loss for m in b.student_model.modules() if _has_aux(m)]
+    if not terms:
+        return b.student.new_zeros(())
+    return torch.stack([t.float() for t in terms]).mean()
+
+
+def _has_aux(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "aux_loss", None), torch.Tensor)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 from torch import nn
@@ -19,6 +19,7 @@ from dit_graft.errors import RecipeError
 from dit_graft.families import Family, family_for
 from dit_graft.families.base import UnsupportedOperator
 from dit_graft.operators import OPERATORS
+from dit_graft.operators.prune_depth import block_importance, choose_blocks, keep_blocks
 from dit_graft.recipe import GraftEdit, Recipe
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
@@ -44,6 +45,9 @@ class PlannedEdit(BaseModel):
     options: dict[str, Any]
     layers: list[int]
     modules: list[PlannedModule]
+    kept: list[int] | None = None  # depth edits: the surviving blocks (indices before the edit), in order
+    layer_map: dict[int, int | Literal["dropped"]] | None = None  # depth edits: old block index → new
+    scores: list[float] | None = None  # depth edits: each block's importance; None: planned unscored (meta)
 
 
 class GraftPlan(BaseModel):
@@ -54,14 +58,32 @@ class GraftPlan(BaseModel):
     base_class: str
     num_layers: int
     edits: list[PlannedEdit]
+    base_config: dict[str, Any] = {}  # teacher values of the config keys structure edits change (num_layers)
 
     def operators_by_site(self) -> dict[str, str]:
-        """The final operator of every touched module (later edits win)."""
-        out: dict[str, str] = {}
+        """The final operator of every touched module (later edits win), at its path in the final model."""
+        out: dict[str, tuple[str | None, int, str]] = {}  # path → (group, layer, operator)
         for e in self.edits:
+            if e.layer_map is not None:  # a depth edit renumbers its group's blocks and drops some
+                out = {
+                    _renumbered(path, layer, e.layer_map[layer]) if group == e.group else path: (
+                        group,
+                        e.layer_map[layer] if group == e.group else layer,
+                        op,
+                    )
+                    for path, (group, layer, op) in out.items()
+                    if group != e.group or e.layer_map[layer] != "dropped"
+                }
             for m in e.modules:
-                out[m.path] = m.new
-        return out
+                out[m.path] = (e.group, m.layer, m.new)
+        return {path: op for path, (_, _, op) in out.items()}
+
+
+def _renumbered(path: str, old: int, new: int) -> str:
+    """`path` with its first component equal to the block index `old` replaced by `new`."""
+    parts = path.split(".")
+    i = parts.index(str(old))
+    return ".".join([*parts[:i], str(new), *parts[i + 1 :]])
 
 
 def select_layers(spec: str | int | list[int], num_layers: int, where: str) -> list[int]:
@@ -118,12 +140,78 @@ def plan(model: nn.Module, recipe: Recipe) -> GraftPlan:
     """
     family = family_for(model)
     num_layers = family.num_layers(model)
-    sites = family.sites(model)
+    view = model
+    sites = family.sites(view)
     current: dict[str, str] = {}
     edits = []
     for i, edit in enumerate(recipe.graft):
-        edits.append(_plan_edit(model, family, i, edit, sites, current))
-    return GraftPlan(family=family.name, base_class=type(model).__name__, num_layers=num_layers, edits=edits)
+        if edit.site == "depth":
+            planned, pruned = _plan_depth(view, family, i, edit)
+            current = _renumber(current, sites, family.sites(pruned), planned.layer_map, family.groups[0])
+            view, sites = pruned, family.sites(pruned)
+            edits.append(planned)
+        else:
+            edits.append(_plan_edit(view, family, i, edit, sites, current))
+    base_config = {k: v for k, v in model.config.items() if view.config.get(k) != v}
+    return GraftPlan(
+        family=family.name,
+        base_class=type(model).__name__,
+        num_layers=num_layers,
+        edits=edits,
+        base_config=base_config,
+    )
+
+
+def _plan_depth(model: nn.Module, family: Family, index: int, edit: GraftEdit) -> tuple[PlannedEdit, nn.Module]:
+    """Resolves a depth edit to the kept blocks; returns it and a view of `model` with only those blocks.
+
+    Scoring runs the model forward, so it needs real weights; on the meta device the kept blocks are
+    the pinned and then the first ones (`scores: None`), which is all a dry run's costs depend on.
+    """
+    if family.keep_blocks is None:
+        raise RecipeError(f"graft.{index}.site: the {family.name} family does not support depth edits yet")
+    options = OPERATORS.get(edit.op).parse_options(edit.options)
+    n = family.num_layers(model)
+    if options.keep > n:
+        raise RecipeError(f"graft.{index}.options.keep: keep={options.keep} exceeds the model's {n} blocks")
+    meta = next(model.parameters()).device.type == "meta"
+    scores = None if meta else block_importance(model, options)
+    kept = choose_blocks(scores, n, options.keep, family.pinned_blocks)
+    new_index = {old: new for new, old in enumerate(kept)}
+    layer_map: dict[int, int | Literal["dropped"]] = {i: new_index.get(i, "dropped") for i in range(n)}
+    view = copy.copy(model)  # shares every block and weight; only the block list and config differ
+    view._modules = dict(model._modules)
+    keep_blocks(view, kept)
+    planned = PlannedEdit(
+        index=index,
+        site=edit.site,
+        group=edit.group,
+        op=edit.op,
+        options=edit.options,
+        layers=kept,
+        modules=[],
+        kept=kept,
+        layer_map=layer_map,
+        scores=scores,
+    )
+    return planned, view
+
+
+def _renumber(current: dict[str, str], before, after, layer_map, group: str) -> dict[str, str]:
+    """Moves the operators recorded per module path to the paths their blocks have after a depth edit."""
+    new_path = {
+        (getattr(s, "group", group), s.kind, s.layer): s.path for s in after if getattr(s, "group", group) == group
+    }
+    out = {}
+    for s in before:
+        if s.path not in current:
+            continue
+        g = getattr(s, "group", group)
+        if g != group:
+            out[s.path] = current[s.path]
+        elif layer_map[s.layer] != "dropped":
+            out[new_path[(g, s.kind, layer_map[s.layer])]] = current[s.path]
+    return out
 
 
 def _plan_edit(model, family: Family, index: int, edit: GraftEdit, sites, current: dict[str, str]) -> PlannedEdit:
@@ -166,15 +254,46 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
     """Applies a plan: returns a student (a deep copy unless `inplace`), all edits or none.
 
     Every replacement is built before the first swap, so a failing builder leaves the model as it
-    was. The teacher's parameters stay where they are, so everything not specific to a new operator
+    was (with depth edits, edits are applied in recipe order and the swaps between two depth edits are
+    built before any of them is swapped; without `inplace` the caller's model is never touched).
+    The teacher's parameters stay where they are, so everything not specific to a new operator
     is inherited.
     """
     family: Family = family_for(model)
+    _check_depth_edits(model, family, graft_plan)
     student = model if inplace else copy.deepcopy(model)
     family.install_grid(student)
+    segment: list[PlannedEdit] = []
+    for edit in graft_plan.edits:
+        if edit.site == "depth":
+            _swap(student, family, segment)
+            segment = []
+            keep_blocks(student, edit.kept)
+        else:
+            segment.append(edit)
+    _swap(student, family, segment)
+    return student
+
+
+def _check_depth_edits(model: nn.Module, family: Family, graft_plan: GraftPlan) -> None:
+    """Checks every depth edit's kept blocks against the block count it meets, before anything is changed."""
+    n = family.num_layers(model)
+    for edit in graft_plan.edits:
+        if edit.site != "depth":
+            continue
+        if family.keep_blocks is None:
+            raise RecipeError(f"graft.{edit.index}: the {family.name} family does not support depth edits yet")
+        kept = edit.kept or []
+        if not kept or kept != sorted(set(kept)) or not all(0 <= i < n for i in kept):
+            raise RecipeError(f"graft.{edit.index}: kept blocks {kept} are not ascending indices below {n}")
+        n = len(kept)
+
+
+def _swap(student: nn.Module, family: Family, edits: list[PlannedEdit]) -> None:
+    """Builds every replacement of `edits`, then swaps them all in (nothing is swapped if a build fails)."""
     sites = family.site_map(student)
     swaps: list[tuple[str, str, nn.Module | None]] = []
-    for edit in graft_plan.edits:
+    for edit in edits:
         op = OPERATORS.get(edit.op)
         options = op.parse_options(edit.options)
         for m in edit.modules:
@@ -199,7 +318,6 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
             parent_path, _, name = path.rpartition(".")
             parent = student.get_submodule(parent_path) if parent_path else student
             setattr(parent, name, new)
-    return student
 
 
 def _device_of(module: nn.Module):

@@ -39,9 +39,12 @@ class GraftEdit(Strict):
     (the double-stream blocks `transformer_blocks.{i}`: joint attention, image-stream MLP `ff`; the default)
     or single (the single-stream blocks `single_transformer_blocks.{i}`: attention only, their MLP is fused
     into `proj_out`). Omitted: the family's first group.
+
+    `site: depth` edits change the block list itself (`op: prune_depth`); `layers` is not used there.
+    Later edits number layers in the pruned model.
     """
 
-    site: Literal["attention", "mlp"]
+    site: Literal["attention", "mlp", "depth"]
     group: str | None = Field(default=None, description="block group (pixart: self | cross; flux: double | single)")
     layers: str | int | list[int] = "all"
     op: str
@@ -71,6 +74,9 @@ class Losses(Strict):
     sigma_mse: float = Field(default=1.0, ge=0, description="learned-variance channels MSE to the teacher")
     feature_mse: float = Field(default=0.0, ge=0, description="MSE of every block's output to the teacher's")
     task: float = Field(default=0.0, ge=0, description="ground-truth diffusion loss (student eps vs true noise)")
+    load_balance: float = Field(
+        default=0.0, ge=0, description="MoE load-balancing term E·Σ f_e·P_e, averaged over the moe FFNs (1 = balanced)"
+    )
 
 
 class DistillSection(Strict):
@@ -187,6 +193,11 @@ def validate(data: Any, source: str = "<recipe>", lines: dict[tuple, int] | None
             raise RecipeError(
                 f"{_where(source, lines, ('graft', i, 'op'))}: graft.{i}.op: operator {edit.op!r} "
                 f"goes into {op.site} sites, not {edit.site}"
+            )
+        if edit.site == "depth" and edit.layers != "all":
+            raise RecipeError(
+                f"{_where(source, lines, ('graft', i, 'layers'))}: graft.{i}.layers: a depth edit chooses its blocks "
+                "itself (options.keep); remove layers"
             )
         try:
             edit.options = op.parse_options(edit.options).model_dump()

@@ -75,3 +75,12 @@ def test_dry_run_on_full_size_dit_xl_2_loads_no_weights(tmp_path, write_recipe, 
     assert code == 0, stderr
     assert "transformer_blocks.13.attn1" in stdout and "transformer_blocks.14.attn1" not in stdout
     assert "749.83M" in stdout  # the diffusers layout's parameter count (see families/dit_original.py)
+
+
+def test_distillation_leaves_the_teacher_trainable_for_later_students(tmp_path):
+    teacher = tiny_dit()
+    recipe = validate(tiny_recipe(tmp_path, tmp_path / "out", steps=2))
+    distill(teacher, apply(teacher, plan(teacher, recipe)), recipe.distill, tmp_path / "w1")
+    second = apply(teacher, plan(teacher, recipe))
+    assert all(p.requires_grad for p in teacher.parameters())
+    distill(teacher, second, recipe.distill, tmp_path / "w2")

@@ -58,6 +58,8 @@ class Family:
       "flow_velocity": the flow-matching velocity noise − x0 (FLUX))
     - `builders(site, op_name)` → the builder for that operator there, `GENERIC` for the operator's own, or
       None where the family does not support it; the field None means every operator, generically
+    - `keep_blocks(model, kept)` → keeps only the blocks `kept`, renumbered, and updates the config (depth
+      edits; None: unsupported); `pinned_blocks` are blocks no depth edit may drop
     """
 
     name: str
@@ -77,6 +79,8 @@ class Family:
     vae_scale: Any  # (model) -> int
     groups: tuple[str, ...] = ("blocks",)
     builders: Any = None
+    keep_blocks: Any = None  # (model, kept) -> None: keeps those blocks of the first group, updates the config
+    pinned_blocks: tuple[int, ...] = ()  # blocks a depth edit must keep
 
     def site_map(self, model: nn.Module) -> dict[str, Site]:
         return {s.path: s for s in self.sites(model)}

@@ -98,6 +98,12 @@ def ddpm_noise(model: nn.Module, x0: torch.Tensor, gen: torch.Generator):
     return schedule.q_sample(x0, t, noise), t, noise
 
 
+def _keep_blocks(model: nn.Module, kept: list[int]) -> None:
+    """Keeps the blocks `kept` (renumbered 0 … k−1) and sets the config's num_layers: a stock DiT again."""
+    model.transformer_blocks = nn.ModuleList([model.transformer_blocks[i] for i in kept])
+    model.register_to_config(num_layers=len(kept))
+
+
 def _forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
     return model(hidden_states=x, timestep=t, class_labels=cond["class_labels"]).sample
 
@@ -119,5 +125,7 @@ DIT = FAMILIES.register("dit")(
         noise=ddpm_noise,
         latent_shape=latent_shape,
         vae_scale=vae_scale,
+        keep_blocks=_keep_blocks,
+        pinned_blocks=(0,),  # the output layer reads block 0's label/timestep embedding
     )
 )

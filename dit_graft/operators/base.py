@@ -58,7 +58,9 @@ class Operator:
     """An operator: `build(old_module, site, options)` returns the module that replaces `old_module`.
 
     `installs` says how the walker puts it in: as the attention module's processor (the Attention and
-    its to_q/to_k/to_v/to_out stay and are inherited for free) or as a replacement module.
+    its to_q/to_k/to_v/to_out stay and are inherited for free), as a replacement module, or, for
+    `structure` edits (site `depth`), not through `build` at all: the planner resolves the edit to
+    data and the walker changes the block list (see `dit_graft.operators.prune_depth`).
 
     `flops(site, tokens, options) -> int`, when given, is the attention core's forward FLOPs for one
     image of `tokens` tokens at `site`, as the operator's kernel does the work (a masked or sparse
@@ -69,11 +71,11 @@ class Operator:
     """
 
     name: str
-    site: Literal["attention", "mlp"]
+    site: Literal["attention", "mlp", "depth"]
     summary: str
     options: type[Options]
     build: Any  # Callable[[nn.Module, Site, Options], nn.Module | None]
-    installs: Literal["processor", "module"] = "processor"
+    installs: Literal["processor", "module", "structure"] = "processor"
     paper: str = ""
     flops: Any = None  # Callable[[Site, int, Options], int] | None
 
