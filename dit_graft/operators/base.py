@@ -6,6 +6,7 @@ identity-initialised depthwise convs, FFN inheritance), so that no operator impo
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -175,7 +176,7 @@ def attention_output(attn: nn.Module, o: torch.Tensor, dtype: torch.dtype) -> to
     return attn.to_out[1](o)
 
 
-class MaskedSoftmaxProcessor(nn.Module):
+class MaskedSoftmaxProcessor(nn.Module, abc.ABC):
     """Exact softmax self-attention with the Attention's projections and a boolean mask from `mask(n, device)`.
 
     Subclasses define `mask`; masks are cached per key; `None` means no mask (every key visible).
@@ -187,8 +188,9 @@ class MaskedSoftmaxProcessor(nn.Module):
         super().__init__()
         self._masks: dict[tuple, torch.Tensor | None] = {}
 
+    @abc.abstractmethod
     def mask(self, n: int, device: torch.device) -> torch.Tensor | None:
-        raise NotImplementedError
+        """The (n, n) boolean mask of visible keys for n tokens, or None when every key is visible."""
 
     def cached(self, key: tuple, build) -> torch.Tensor | None:
         if key not in self._masks:
