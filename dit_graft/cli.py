@@ -1,4 +1,4 @@
-"""The `dit-graft` command line: convert, validate, inspect, eval, operators, recipes."""
+"""The `dit-graft` command line: convert, plan, validate, inspect, eval, operators, recipes."""
 
 from __future__ import annotations
 
@@ -49,15 +49,33 @@ def _load_teacher(recipe, recipe_path: Path, meta: bool, check_out: Path | None 
     return source, load_model(source, recipe.model.subfolder, meta=meta, num_heads=recipe.model.num_heads)
 
 
-def _plan(model, recipe):
+def _check_family(model) -> None:
     from dit_graft.families import family_for
-    from dit_graft.plan import plan
 
     try:
         family_for(model)
     except KeyError as e:
         raise RecipeError(f"model: {e.args[0]}") from None
+
+
+def _plan(model, recipe):
+    from dit_graft.plan import plan
+
+    _check_family(model)
     return plan(model, recipe)
+
+
+def _plan_meta(model, recipe):
+    """Plans on a weightless model: automatic layers become an evenly spread placeholder, with a note."""
+    from dit_graft.autoselect import has_auto, placeholder
+
+    notes = []
+    if has_auto(recipe):
+        _check_family(model)
+        recipe, notes = placeholder(model, recipe)
+    for note in notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+    return _plan(model, recipe)
 
 
 def _cost(model, resolution: int | None = None) -> dict[str, Any]:
@@ -156,12 +174,10 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
         return _fmt(flops) + ("*" if path in cost.get("attention_formula", ()) else "")
 
     for e in graft_plan.edits:
-        if e.kept is not None:
-            dropped = [i for i, new in e.layer_map.items() if new == "dropped"]
-            scored = "" if e.scores is not None else " (unscored: no weights)"
-            table.add_row(
-                str(e.index), "blocks", f"{len(e.layer_map)} → {len(e.kept)}, dropped {dropped}{scored}", "-", "-"
-            )
+        if e.layer_map is not None:
+            from dit_graft.plan import describe_depth
+
+            table.add_row(str(e.index), "blocks", describe_depth(e), "-", "-")
         for m in e.modules:
             table.add_row(str(e.index), m.path, f"{m.old} → {m.new}", cell(before, m.path), cell(after, m.path))
     out_console.print(table)
@@ -253,7 +269,7 @@ def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None) -> None
 
     t0 = time.perf_counter()
     _, model = _load_teacher(recipe, recipe_path, meta=True)
-    graft_plan = _plan(model, recipe)
+    graft_plan = _plan_meta(model, recipe)
     student = apply(model, graft_plan)
     scale = family_for(model).vae_scale(model)
     for px in pixels or []:
@@ -297,27 +313,9 @@ def _print_resolutions(pixels: list[int], costs: list[tuple[dict, dict]]) -> Non
     out_console.print(table)
 
 
-def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
+def _progress():
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from dit_graft.distill import distill, write_loss_log
-    from dit_graft.export import export
-    from dit_graft.plan import apply
-
-    t0 = time.perf_counter()
-    source, teacher = _load_teacher(recipe, recipe_path, meta=False, check_out=out_dir)
-    graft_plan = _plan(teacher, recipe)
-    student = apply(teacher, graft_plan)
-    before, after = _cost(teacher), _cost(student)
-    attn_ratio = sum(after["attention_flops"].values()) / max(sum(before["attention_flops"].values()), 1)
-    console.print(
-        f"teacher {recipe.model.source}: {_fmt(before['params'])} params; "
-        f"{sum(len(e.modules) for e in graft_plan.edits)} modules grafted; attention FLOPs ×{attn_ratio:.3f}"
-    )
-    work_dir = out_dir.with_name(f".{out_dir.name}.work")
-    if not resume and work_dir.exists():
-        console.print(f"starting fresh: removing {work_dir} (pass --resume to continue from its checkpoints)")
-        shutil.rmtree(work_dir)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -326,32 +324,172 @@ def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
-        pool_task = progress.add_task("teacher samples", total=recipe.distill.pool_size, info="")
-        train_task = progress.add_task("distill", total=recipe.distill.steps, info="")
+    return Progress(*columns, console=console, transient=False)
 
-        def report(done, total, loss=None):
-            if loss is None:
-                progress.update(pool_task, completed=done)
-            else:
-                progress.update(train_task, completed=done, info=f"loss {loss:.4g}")
 
-        result = distill(teacher, student, recipe.distill, work_dir, resume=resume, progress=report)
+def _reporter(progress, description: str):
+    """A progress callback `(done, total, info=None)`; `info` may be a loss or a string.
+
+    The task appears on the first report, so work that turns out to be cached shows no idle bar.
+    """
+    task = None
+
+    def report(done, total, info=None):
+        nonlocal task
+        if task is None:
+            task = progress.add_task(description, total=total, info="")
+        text = f"loss {info:.4g}" if isinstance(info, float) else (info or "")
+        progress.update(task, completed=done, total=total, info=text)
+
+    return report
+
+
+def _choose_layers(teacher, recipe, work_dir: Path, progress):
+    """Resolves `layers: {auto: ...}` on the teacher; returns the explicit recipe and the selections."""
+    from dit_graft.autoselect import has_auto, resolve
+    from dit_graft.distill import training_pool
+
+    if not has_auto(recipe):
+        return recipe, []
+    pool = training_pool(teacher, recipe.distill, work_dir, _reporter(progress, "teacher samples"))
+    return resolve(teacher, recipe, pool, _reporter(progress, "choose layers"))
+
+
+def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
+    from dit_graft.distill import DistillResult, distill, training_pool, write_loss_log
+    from dit_graft.export import export
+    from dit_graft.plan import apply
+    from dit_graft.stage1 import activation_distill, targets
+
+    t0 = time.perf_counter()
+    source, teacher = _load_teacher(recipe, recipe_path, meta=False, check_out=out_dir)
+    _check_family(teacher)
+    work_dir = out_dir.with_name(f".{out_dir.name}.work")
+    if not resume and work_dir.exists():
+        console.print(f"starting fresh: removing {work_dir} (pass --resume to continue from its checkpoints)")
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = recipe.distill
+    metrics: dict[str, Any] = {}
+    with _progress() as progress:
+        recipe, selections = _choose_layers(teacher, recipe, work_dir, progress)
+        graft_plan = _plan(teacher, recipe)
+        student = apply(teacher, graft_plan)
+        before, after = _cost(teacher), _cost(student)
+        attn_ratio = sum(after["attention_flops"].values()) / max(sum(before["attention_flops"].values()), 1)
+        console.print(
+            f"teacher {recipe.model.source}: {_fmt(before['params'])} params; "
+            f"{sum(len(e.modules) for e in graft_plan.edits)} modules grafted; attention FLOPs ×{attn_ratio:.3f}"
+        )
+        for sel in selections:
+            console.print(f"graft.{sel.edit}: {sel.op} on {sel.group} layers {sel.chosen} (least sensitive)")
+        result = DistillResult()
+        if "activation" in cfg.stages:
+            pool = training_pool(teacher, cfg, work_dir, _reporter(progress, "teacher samples"))
+            stage1 = activation_distill(
+                teacher,
+                student,
+                targets(teacher, student, graft_plan),
+                cfg,
+                pool,
+                work_dir=work_dir,
+                resume=resume,
+                progress=_reporter(progress, "stage 1 (activations)"),
+            )
+            metrics["stage1_relative_error"] = {k: round(v, 6) for k, v in stage1.errors.items()}
+        if "end_to_end" in cfg.stages:
+            pool_report = _reporter(progress, "teacher samples")
+            train_report = _reporter(progress, "distill")
+            result = distill(
+                teacher,
+                student,
+                cfg,
+                work_dir,
+                resume=resume,
+                progress=lambda done, total, loss=None: (pool_report if loss is None else train_report)(
+                    done, total, loss
+                ),
+            )
     write_loss_log(result.log, work_dir)
     metrics = {
         "steps": result.steps,
         "final_loss": round(result.log[-1]["loss"], 6) if result.log else None,
         "skipped_steps": result.skipped,
+        **metrics,
+        **({"layer_sensitivity": {f"graft.{s.edit}": s.sensitivity for s in selections}} if selections else {}),
         "params_teacher": before["params"],
         "params_student": after["params"],
         "flops_per_image_teacher": before["flops"],
         "flops_per_image_student": after["flops"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    extra = {n: work_dir / n for n in ("loss.csv", "loss.json", "loss.png")}
+    extra = {n: work_dir / n for n in ("loss.csv", "loss.json", "loss.png") if (work_dir / n).is_file()}
     export(student, graft_plan, recipe.model_dump(), out_dir, metrics, extra, recipe.export.dtype)
     shutil.rmtree(work_dir, ignore_errors=True)
     out_console.print(f"exported {out_dir} in {metrics['seconds']}s (final loss {metrics['final_loss']})")
+
+
+@app.command("plan")
+def plan_(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="A graft recipe (YAML).")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override KEY=VALUE (dotted path, list indices).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output directory (default: runs/plan-<recipe name>).")
+    ] = None,
+) -> None:
+    """Resolve a recipe on the real teacher: automatic layers chosen, per-layer sensitivity plotted.
+
+    Writes OUT/recipe.yaml (the recipe with explicit layers, ready for `convert`), and for automatic
+    layers OUT/sensitivity.json and OUT/sensitivity.png (a bar chart per edit, chosen layers in green).
+    """
+    import yaml
+
+    from dit_graft.autoselect import plot
+    from dit_graft.plan import apply
+    from dit_graft.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, set_ or [])
+    out_dir = out or Path("runs") / f"plan-{recipe.name or recipe_path.stem}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: exists and is not a directory")
+    _, teacher = _load_teacher(recipe, recipe_path, meta=False)
+    _check_family(teacher)
+    work_dir = out_dir / ".work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with _progress() as progress:
+        resolved, selections = _choose_layers(teacher, recipe, work_dir, progress)
+    graft_plan = _plan(teacher, resolved)
+    _print_plan(graft_plan, _cost(teacher), _cost(apply(teacher, graft_plan)))
+    files = {"recipe.yaml": yaml.safe_dump(resolved.model_dump(), sort_keys=False)}
+    if selections:
+        table = Table(title="per-layer sensitivity (relative output error when grafted alone)")
+        for col in ("edit", "layer", "sensitivity", "chosen"):
+            table.add_column(col, justify="right")
+        for sel in selections:
+            for layer, err in sorted(sel.sensitivity.items()):
+                table.add_row(f"graft.{sel.edit}", str(layer), f"{err:.4g}", "yes" if layer in sel.chosen else "")
+        out_console.print(table)
+        record = [
+            {
+                "edit": s.edit,
+                "op": s.op,
+                "site": s.site,
+                "group": s.group,
+                "chosen": s.chosen,
+                "sensitivity": s.sensitivity,
+            }
+            for s in selections
+        ]
+        files["sensitivity.json"] = json.dumps(record, indent=1)
+    for name, text in files.items():
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+    if selections:
+        plot(selections, out_dir / ".sensitivity.tmp.png")
+        (out_dir / ".sensitivity.tmp.png").replace(out_dir / "sensitivity.png")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    out_console.print(f"wrote {', '.join(sorted([*files, *(['sensitivity.png'] if selections else [])]))} to {out_dir}")
 
 
 @app.command()
@@ -365,7 +503,7 @@ def validate(
 
     recipe = load_recipe(recipe_path, set_ or [])
     _, model = _load_teacher(recipe, recipe_path, meta=True)
-    graft_plan = _plan(model, recipe)
+    graft_plan = _plan_meta(model, recipe)
     apply(model, graft_plan)
     n = sum(len(e.modules) for e in graft_plan.edits)
     out_console.print(f"{recipe_path}: ok — {len(graft_plan.edits)} edit(s), {n} module(s) on {graft_plan.base_class}")

@@ -126,6 +126,31 @@ def dataset_pool(name: str | None) -> dict[str, torch.Tensor]:
     return {"images": split.images, COND_PREFIX + "class_labels": split.labels}
 
 
+def training_pool(teacher: nn.Module, cfg: DistillSection, work_dir: Path, progress=None) -> dict[str, torch.Tensor]:
+    """The images and conditions training batches are drawn from: the teacher's pool or the named dataset."""
+    if cfg.data == "teacher":
+        return teacher_pool(teacher, cfg, work_dir, progress)
+    return dataset_pool(cfg.dataset)
+
+
+def training_batch(
+    teacher: nn.Module,
+    pool: dict[str, torch.Tensor],
+    null: Conditions | None,
+    batch_size: int,
+    null_prob: float,
+    gen: torch.Generator,
+    device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditions]:
+    """One seeded batch (x_t, t, target, conditions) on `device`: pool rows, null-dropped, noised by the family."""
+    images = pool["images"]
+    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+    drop = torch.rand(batch_size, generator=gen) < null_prob
+    y = drop_to_null(take_rows(pool_conditions(pool), idx), null, drop)
+    xt, t, target = family_for(teacher).noise(teacher, images[idx], gen)
+    return xt.to(device), t.to(device), target.to(device), conditions_to(y, device)
+
+
 def latest_checkpoint(work_dir: Path) -> Path | None:
     ckpts = sorted(p for p in (work_dir / "checkpoints").glob(f"{CKPT_PREFIX}*") if (p / "state.json").is_file())
     return ckpts[-1] if ckpts else None
@@ -222,8 +247,7 @@ def distill(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     student, opt, sched = accelerator.prepare(student, opt, sched)
 
-    pool = teacher_pool(teacher, cfg, work_dir, progress) if cfg.data == "teacher" else dataset_pool(cfg.dataset)
-    images, conds = pool["images"], pool_conditions(pool)
+    pool = training_pool(teacher, cfg, work_dir, progress)
     null = family.null_conditions(teacher, cfg.conditions)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = DistillResult()
@@ -242,13 +266,9 @@ def distill(
             terms_sum: dict[str, float] = {}
             finite = True
             for _ in range(cfg.grad_accum):
-                idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
-                x0 = images[idx]
-                drop = torch.rand(cfg.batch_size, generator=gen) < cfg.null_class_prob
-                y = drop_to_null(take_rows(conds, idx), null, drop)
-                xt, t, target = family.noise(teacher, x0, gen)
-                xt, t, target = (a.to(accelerator.device) for a in (xt, t, target))
-                y = conditions_to(y, accelerator.device)
+                xt, t, target, y = training_batch(
+                    teacher, pool, null, cfg.batch_size, cfg.null_class_prob, gen, accelerator.device
+                )
                 with torch.no_grad():
                     t_out = family.forward(teacher, xt, t, y)
                 with accelerator.autocast():
@@ -320,10 +340,11 @@ def write_loss_log(log: list[dict], out_dir: Path) -> None:
 
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         steps = [r["step"] for r in log]
-        for k in keys:
-            if k not in ("step", "lr"):
-                ax.plot(steps, [r.get(k, float("nan")) for r in log], label=k)
-        ax.set_yscale("log")
+        curves = {k: [r.get(k, float("nan")) for r in log] for k in keys if k not in ("step", "lr")}
+        for k, values in curves.items():
+            ax.plot(steps, values, label=k)
+        if all(v > 0 for values in curves.values() for v in values if not math.isnan(v)):
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend()

@@ -90,6 +90,8 @@ def select_layers(spec: str | int | list[int], num_layers: int, where: str) -> l
     """Resolves a layer selector: an index, a list, "all", "A-B" (inclusive), "every:K[:OFFSET]", "1,3,5-7"."""
     if isinstance(spec, bool):
         raise RecipeError(f"{where}: layers must be an index, a list, a range or 'all'")
+    if not isinstance(spec, (int, str, list)):  # {auto: ...}: chosen on the teacher before planning
+        raise RecipeError(f"{where}: automatic layers are chosen before planning (dit_graft.autoselect.resolve)")
     if isinstance(spec, int):
         chosen = [spec]
     elif isinstance(spec, list):

@@ -30,6 +30,25 @@ class ModelSection(Strict):
     num_heads: int | None = Field(default=None, ge=1, description="heads, for original DiT checkpoints only")
 
 
+class AutoLayers(Strict):
+    """`layers: {auto: {...}}`: choose the layers of an edit by how little grafting each alone hurts.
+
+    For each candidate layer, the edit is applied to that layer alone, the new module gets `steps`
+    steps of activation distillation (stage 1) and the relative error of the whole model's output to
+    the ungrafted model is measured on `samples` seeded inputs; the `fraction` least sensitive layers
+    (at least one) are chosen.
+    """
+
+    fraction: float = Field(gt=0, le=1, description="share of the candidate layers to graft")
+    by: Literal["sensitivity"] = "sensitivity"
+    steps: int = Field(default=40, ge=0, description="stage-1 steps given to each candidate before it is measured")
+    samples: int = Field(default=32, ge=1, le=4096, description="seeded inputs the output error is measured on")
+
+
+class AutoSpec(Strict):
+    auto: AutoLayers
+
+
 class GraftEdit(Strict):
     """One edit: put operator `op` into the `site` of the selected `layers` of one block `group`.
 
@@ -41,12 +60,13 @@ class GraftEdit(Strict):
     into `proj_out`). Omitted: the family's first group.
 
     `site: depth` edits change the block list itself (`op: prune_depth`); `layers` is not used there.
-    Later edits number layers in the pruned model.
+    Later edits number layers in the pruned model. `layers: {auto: {fraction: 0.5}}` lets the teacher
+    choose (see `AutoLayers`; `dit-graft plan` shows the choice).
     """
 
     site: Literal["attention", "mlp", "depth"]
     group: str | None = Field(default=None, description="block group (pixart: self | cross; flux: double | single)")
-    layers: str | int | list[int] = "all"
+    layers: str | int | list[int] | AutoSpec = "all"
     op: str
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -58,6 +78,19 @@ class GraftEdit(Strict):
         if group is not None and group not in all_groups():
             raise ValueError(f"unknown block group {group!r} (known: {', '.join(all_groups())})")
         return group
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _auto_layers(cls, layers: Any) -> Any:
+        if not isinstance(layers, dict):
+            return layers
+        try:
+            return AutoSpec.model_validate(layers)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ValueError(f"{where}: {msg}") from None
 
     @field_validator("op")
     @classmethod
@@ -79,8 +112,41 @@ class Losses(Strict):
     )
 
 
+class ActivationSection(Strict):
+    """Stage 1, activation distillation (grafting): every new module regresses its teacher counterpart.
+
+    Each step feeds a batch of noised teacher samples through the teacher; hooks record every target's
+    input and output, and each student module, run alone on the recorded input, regresses that output.
+    Targets: every grafted attention/MLP module (against the same module of the teacher), and every
+    block that stands in for several teacher blocks after a depth edit (against the span's output, from
+    the span's input). Parameters of different targets never share a loss or a clipping norm, so the
+    modules train independently, as in the paper.
+    """
+
+    steps: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup: int = Field(default=10, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    loss: Literal["l1", "l2", "huber"] = Field(default="l2", description="regression loss (huber: δ = huber_delta)")
+    huber_delta: float = Field(default=1.0, gt=0)
+    log_every: int = Field(default=10, ge=1)
+
+
 class DistillSection(Strict):
-    """The distillation run."""
+    """The distillation run: stage 1 (`activation`), stage 2 (`end_to_end`) or both, in that order."""
+
+    stages: list[Literal["activation", "end_to_end"]] = Field(
+        default_factory=lambda: ["end_to_end"], min_length=1, description="which stages run (in this order)"
+    )
+    activation: ActivationSection = Field(default_factory=ActivationSection)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages) or stages != sorted(stages):
+            raise ValueError("list each stage once, activation before end_to_end")
+        return stages
 
     steps: int = Field(default=600, ge=0)
     batch_size: int = Field(default=32, ge=1)

@@ -2,6 +2,10 @@
 
     python scripts/train_teacher.py --steps 6000 --out dit_graft/assets/digits-dit
 
+`--init DIR` continues from a saved teacher (its EMA weights start both the model and the EMA; the
+optimizer starts fresh). The earlier run's arguments and loss curve are kept under "previous" in the
+new train_log.json, so the full history of the committed weights stays readable.
+
 Loss = eps MSE + the learned-variance KL term (as DiT/improved DDPM); 10% of labels are replaced by
 the null class for classifier-free guidance; the exported weights are the EMA weights.
 """
@@ -47,16 +51,24 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("dit_graft/assets/digits-dit"))
+    p.add_argument("--init", type=Path, default=None, help="continue from this saved teacher directory")
+    p.add_argument("--warmup", type=int, default=200)
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
     data = load_digits_split("train")
-    model = DiTTransformer2DModel(**digits_dit_config())
+    previous = None
+    if args.init is not None:
+        model = DiTTransformer2DModel.from_pretrained(args.init)
+        log_file = args.init / "train_log.json"
+        previous = json.loads(log_file.read_text()) if log_file.exists() else None
+    else:
+        model = DiTTransformer2DModel(**digits_dit_config())
     freeze_label_dropout(model.train())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     schedule = Schedule.linear()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = 200
+    warmup = max(1, args.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     )
@@ -87,7 +99,8 @@ def main() -> None:
     tmp = args.out.with_name(args.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ema.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "train_log.json").write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, log=log)))
+    record = dict(args={k: str(v) for k, v in vars(args).items()}, log=log, previous=previous)
+    (tmp / "train_log.json").write_text(json.dumps(record))
     shutil.rmtree(args.out, ignore_errors=True)
     tmp.rename(args.out)
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
