@@ -1,12 +1,15 @@
 """The operator registry: what an operator is and how the walker installs what it builds.
 
 Also the helpers that several operators share (self-attention plumbing, the masked-softmax processor,
-identity-initialised depthwise convs, FFN inheritance), so that no operator imports another's module.
+the token-grid and sequence-band geometry of `local` and `swa`, identity-initialised depthwise convs, FFN
+inheritance and unit importance), so that no operator module imports another: `local`, `swa` and FLUX's
+joint processors (`text_attention`) read the same window rules from here.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -135,6 +138,51 @@ def band_pairs(n: int, reach: int) -> int:
     return (2 * m + 1) * n - m * (m + 1)
 
 
+def band_mask(n: int, half: int, device: torch.device) -> torch.Tensor:
+    """(N, N) boolean mask, True where |i − j| ≤ half."""
+    idx = torch.arange(n, device=device, dtype=torch.int32)
+    return (idx[:, None] - idx[None, :]).abs() <= half
+
+
+def grid_window_mask(h: int, w: int, radius: float, shape: str, device: torch.device) -> torch.Tensor:
+    """(N, N) boolean mask, True where key j lies in query i's window on the h×w grid (N = h·w).
+
+    circle: Δy² + Δx² < r² (strict); square: max(|Δy|, |Δx|) ≤ ⌊r⌋; positions row-major, (n // w, n % w).
+    """
+    ys = torch.arange(h, device=device, dtype=torch.int32)
+    xs = torch.arange(w, device=device, dtype=torch.int32)
+    dy = (ys[:, None] - ys[None, :]).view(h, 1, h, 1)  # (h_i, 1, h_j, 1)
+    dx = (xs[:, None] - xs[None, :]).view(1, w, 1, w)  # (1, w_i, 1, w_j)
+    if shape == "circle":
+        # dist² is an integer, so dist² < r² ⇔ dist² < ⌈r²⌉
+        mask = dy * dy + dx * dx < math.ceil(radius * radius)
+    else:
+        reach = math.floor(radius)
+        mask = (dy.abs() <= reach) & (dx.abs() <= reach)
+    return mask.reshape(h * w, h * w)
+
+
+def grid_window_is_full(h: int, w: int, radius: float, shape: str) -> bool:
+    """Whether every query's window holds every key (the farthest pair is the two opposite corners)."""
+    if shape == "circle":
+        return (h - 1) ** 2 + (w - 1) ** 2 < math.ceil(radius * radius)
+    return max(h, w) - 1 <= math.floor(radius)
+
+
+def grid_window_pairs(h: int, w: int, radius: float, shape: str) -> int:
+    """Query-key pairs inside the windows on the h×w grid: the number of True entries of `grid_window_mask`."""
+    if shape == "square":
+        reach = math.floor(radius)
+        return band_pairs(h, reach) * band_pairs(w, reach)
+    r2 = math.ceil(radius * radius)
+    pairs = 0
+    for dy in range(-(h - 1), h):
+        room = r2 - dy * dy  # dx² < room
+        if room > 0:
+            pairs += (h - abs(dy)) * band_pairs(w, math.isqrt(room - 1))
+    return pairs
+
+
 def attention_pairs_flops(pairs: int, channels: int) -> int:
     """Softmax-attention core FLOPs over `pairs` query-key pairs: q·k and p·v, one multiply-add per channel each."""
     return 4 * pairs * channels
@@ -234,6 +282,11 @@ def read_feedforward(old: nn.Module, site: Site, op: str) -> FeedForwardLayout:
     if fc1.in_features != site.dim:
         raise ValueError(f"{op}: the FFN's input width {fc1.in_features} is not the model width {site.dim}")
     return FeedForwardLayout(fc1, fc2, old.net[0].approximate, old.net[1].p, len(old.net) == 4)
+
+
+def magnitude_importance(ffn: FeedForwardLayout) -> torch.Tensor:
+    """s_i = ‖W₁[i, :]‖ · ‖W₂[:, i]‖, one score per hidden unit (`mlp_ratio`, `prune_width`, `moe`)."""
+    return ffn.fc1.weight.detach().float().norm(dim=1) * ffn.fc2.weight.detach().float().norm(dim=0)
 
 
 def inherit(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -56,8 +56,10 @@ from dit_graft.operators.base import (
     TokenGrid,
     attention_output,
     attention_pairs_flops,
-    band_pairs,
     check_self_attention,
+    grid_window_is_full,
+    grid_window_mask,
+    grid_window_pairs,
     register,
     self_attention_qkv,
 )
@@ -68,42 +70,6 @@ class LocalOptions(Options):
 
     window: float = Field(default=8.0, gt=0, description="radius r on the token grid, in tokens")
     shape: Literal["circle", "square"] = "circle"
-
-
-def grid_window_mask(h: int, w: int, radius: float, shape: str, device: torch.device) -> torch.Tensor:
-    """(N, N) boolean mask, True where key j lies in query i's window on the h×w grid (N = h·w)."""
-    ys = torch.arange(h, device=device, dtype=torch.int32)
-    xs = torch.arange(w, device=device, dtype=torch.int32)
-    dy = (ys[:, None] - ys[None, :]).view(h, 1, h, 1)  # (h_i, 1, h_j, 1)
-    dx = (xs[:, None] - xs[None, :]).view(1, w, 1, w)  # (1, w_i, 1, w_j)
-    if shape == "circle":
-        # dist² is an integer, so dist² < r² ⇔ dist² < ⌈r²⌉
-        mask = dy * dy + dx * dx < math.ceil(radius * radius)
-    else:
-        reach = math.floor(radius)
-        mask = (dy.abs() <= reach) & (dx.abs() <= reach)
-    return mask.reshape(h * w, h * w)
-
-
-def grid_window_is_full(h: int, w: int, radius: float, shape: str) -> bool:
-    """Whether every query's window holds every key (the farthest pair is the two opposite corners)."""
-    if shape == "circle":
-        return (h - 1) ** 2 + (w - 1) ** 2 < math.ceil(radius * radius)
-    return max(h, w) - 1 <= math.floor(radius)
-
-
-def grid_window_pairs(h: int, w: int, radius: float, shape: str) -> int:
-    """Query-key pairs inside the windows on the h×w grid: the number of True entries of `grid_window_mask`."""
-    if shape == "square":
-        reach = math.floor(radius)
-        return band_pairs(h, reach) * band_pairs(w, reach)
-    r2 = math.ceil(radius * radius)
-    pairs = 0
-    for dy in range(-(h - 1), h):
-        room = r2 - dy * dy  # dx² < room
-        if room > 0:
-            pairs += (h - abs(dy)) * band_pairs(w, math.isqrt(room - 1))
-    return pairs
 
 
 @functools.lru_cache(maxsize=256)

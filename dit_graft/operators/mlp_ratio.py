@@ -1,28 +1,50 @@
-"""`mlp_ratio`: the teacher's MLP at another expansion ratio (grafting, Chandrasegaran et al. 2025: r = 3, 6).
+"""`mlp_ratio` and `prune_width`: the teacher's MLP at another hidden width, keeping its most important units.
 
-    FFN'(x) = W₂[:, S] · GELU(W₁[S, :] x + b₁[S]) + b₂,   |S| = hidden = round(ratio · dim)
+Two entry points, one implementation (`resize_feedforward`); they differ only in how the width is asked for:
 
-Narrowing (hidden below the teacher's width): S holds the `hidden` most important teacher units,
-kept in their original order. The importance of hidden unit i, whose weights are u_i = (W₁[i, :],
-b₁[i], W₂[:, i]):
+    mlp_ratio     hidden = round(ratio · dim)   relative to the model width; narrows or widens
+                  (grafting, Chandrasegaran et al. 2025: r = 3, 6)
+    prune_width   hidden = round(keep · H)      a fraction keep ∈ (0, 1] of the teacher's H hidden units;
+                  width pruning only (PPCL's width pruning; Dense2MoE's Taylor importance)
+
+    FFN'(x) = W₂[:, S] · GELU(W₁[S, :] x + b₁[S]) + b₂,   |S| = hidden
+
+`keep` is a fraction, never a unit count: an int is refused (`keep: 1` would read as "one unit" next to
+`sparse`, where an int counts blocks), so recipes carry over between model sizes.
+
+Narrowing (hidden below H): S holds the `hidden` most important teacher units, kept in their original
+order. The importance of hidden unit i, whose weights are u_i = (W₁[i, :], b₁[i], W₂[:, i]):
 
     importance: magnitude   s_i = ‖W₁[i, :]‖₂ · ‖W₂[:, i]‖₂                       (no data)
     importance: taylor      s_i = Σ_{w ∈ u_i} |w · ∂L/∂w|,   L = ½ Σ_x ‖FFN(x)‖²
 
-For `taylor`, x are `calibration_tokens` random tokens ~ N(0, I) (the shape of a LayerNorm output),
-drawn from a generator seeded by `seed` (the global RNG is untouched), passed once through the
-teacher's FFN (dropout off): a data-free stand-in for Dense2MoE's first-order Taylor metric, which
-uses the diffusion loss on real data. On the meta device (dry runs) no scores exist and S is the
-first `hidden` units; the shapes, all a plan depends on, are the same.
+`taylor` is first-order Taylor importance of the output energy L: Σ_{w ∈ u_i} w · ∂L/∂w is, to first
+order, how much L changes when unit i is removed. It is not the distillation loss ‖FFN'(x) − FFN(x)‖²:
+at the teacher's own weights that loss and its gradient are exactly zero, so its first-order score is 0
+for every unit and ranks nothing.
 
-At the teacher's width S is every unit in order: the module computes exactly the teacher's FFN.
+Calibration inputs: a builder sees only (old module, site, options), so the inputs cannot be the
+teacher's real activations. x are `calibration_tokens` tokens ~ N(0, I) of the model width, drawn from a
+generator seeded by `seed` (the global RNG is untouched), passed once through the teacher's FFN (dropout
+off). N(0, I) is what the FFN's input is before modulation in DiT, PixArt and FLUX blocks: a LayerNorm
+without affine parameters, then the adaLN shift and scale, which depend on the timestep and condition and
+are left out. Recording the real FFN inputs instead would need the whole model and its conditions inside a
+builder (builders never walk the model) and would add nothing a reload needs: a reload rebuilds the
+shapes and loads the exported weights, so the kept units need not be reproduced (the plan does not
+record them). On the meta device (dry runs) no scores exist and S is the first `hidden` units; the
+shapes, all a plan depends on, are the same.
 
-Widening (hidden above): every teacher unit is kept at its index; the extra units' W₁ rows and b₁
-keep nn.Linear's default init and their W₂ columns are zero, so the student starts equal to the
-teacher (those W₁ rows get gradients once their W₂ columns have moved off zero).
+At the teacher's width (`ratio` = H / dim, `keep: 1.0`) S is every unit in order: the module computes
+exactly the teacher's FFN.
+
+Widening (`mlp_ratio` only, hidden above H): every teacher unit is kept at its index; the extra units'
+W₁ rows and b₁ keep nn.Linear's default init and their W₂ columns are zero, so the student starts equal
+to the teacher (those W₁ rows get gradients once their W₂ columns have moved off zero).
 
 The replacement is a diffusers FeedForward of the new width (same class, same key layout
-net.0.proj / net.2, dropout copied); the inherited tensors are copied with their shapes checked.
+net.0.proj / net.2, dropout copied); the inherited tensors are copied with their shapes checked. Its
+FLOPs and parameters are measured (FlopCounterMode, parameter count): 2·N·hidden·(dim + dim_out) per
+image of N tokens, hidden·(dim + dim_out + 1) + dim_out parameters.
 """
 
 from __future__ import annotations
@@ -32,24 +54,49 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
-from dit_graft.operators.base import FeedForwardLayout, Operator, Options, Site, inherit, read_feedforward, register
+from dit_graft.operators.base import (
+    FeedForwardLayout,
+    Operator,
+    Options,
+    Site,
+    inherit,
+    magnitude_importance,
+    read_feedforward,
+    register,
+)
 
 
-class MlpRatioOptions(Options):
-    """Options of the `mlp_ratio` operator."""
+class UnitImportanceOptions(Options):
+    """How the hidden units to keep are ranked (shared by `mlp_ratio` and `prune_width`)."""
 
-    ratio: float = Field(default=3.0, gt=0, le=64, description="hidden width relative to the model width")
     importance: Literal["magnitude", "taylor"] = "magnitude"
     calibration_tokens: int = Field(default=1024, ge=1, le=65536, description="random tokens scored by taylor")
     seed: int = Field(default=0, ge=0, description="seed of the taylor calibration tokens")
 
 
-def magnitude_importance(ffn: FeedForwardLayout) -> torch.Tensor:
-    """s_i = ‖W₁[i, :]‖ · ‖W₂[:, i]‖, one score per hidden unit."""
-    return ffn.fc1.weight.detach().float().norm(dim=1) * ffn.fc2.weight.detach().float().norm(dim=0)
+class MlpRatioOptions(UnitImportanceOptions):
+    """Options of the `mlp_ratio` operator."""
+
+    ratio: float = Field(default=3.0, gt=0, le=64, description="hidden width relative to the model width")
+
+
+class PruneWidthOptions(UnitImportanceOptions):
+    """Options of the `prune_width` operator."""
+
+    keep: float = Field(default=0.5, gt=0, le=1, description="fraction of the teacher's hidden units kept, in (0, 1]")
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _fraction(cls, keep):
+        if isinstance(keep, bool | int):
+            raise ValueError(
+                f"keep is the fraction of the teacher's hidden units kept, a float in (0, 1] (got {keep!r}; "
+                "write 1.0 to keep every unit, 0.25 for a quarter)"
+            )
+        return keep
 
 
 def taylor_importance(ffn: FeedForwardLayout, tokens: int, seed: int) -> torch.Tensor:
@@ -68,7 +115,7 @@ def taylor_importance(ffn: FeedForwardLayout, tokens: int, seed: int) -> torch.T
     return score.detach()
 
 
-def keep_units(ffn: FeedForwardLayout, hidden: int, options: MlpRatioOptions) -> torch.Tensor:
+def keep_units(ffn: FeedForwardLayout, hidden: int, options: UnitImportanceOptions) -> torch.Tensor:
     """Indices of the `hidden` most important teacher units, ascending (all of them when not narrowing)."""
     inner = ffn.fc1.out_features
     device = ffn.fc1.weight.device
@@ -83,11 +130,8 @@ def keep_units(ffn: FeedForwardLayout, hidden: int, options: MlpRatioOptions) ->
     return score.topk(hidden).indices.sort().values
 
 
-def build_mlp_ratio(old: nn.Module, site: Site, options: MlpRatioOptions) -> FeedForward:
-    ffn = read_feedforward(old, site, "mlp_ratio")
-    hidden = round(options.ratio * site.dim)
-    if hidden < 1:
-        raise ValueError(f"ratio={options.ratio} leaves no hidden unit at width {site.dim}")
+def resize_feedforward(ffn: FeedForwardLayout, site: Site, hidden: int, options: UnitImportanceOptions) -> FeedForward:
+    """The teacher FFN at `hidden` units: its most important units when narrowing, zero-output extras when widening."""
     inner = ffn.fc1.out_features
     keep = keep_units(ffn, hidden, options)
     bias = ffn.fc1.bias is not None
@@ -115,6 +159,23 @@ def build_mlp_ratio(old: nn.Module, site: Site, options: MlpRatioOptions) -> Fee
     return new
 
 
+def build_mlp_ratio(old: nn.Module, site: Site, options: MlpRatioOptions) -> FeedForward:
+    ffn = read_feedforward(old, site, "mlp_ratio")
+    hidden = round(options.ratio * site.dim)
+    if hidden < 1:
+        raise ValueError(f"ratio={options.ratio} leaves no hidden unit at width {site.dim}")
+    return resize_feedforward(ffn, site, hidden, options)
+
+
+def build_prune_width(old: nn.Module, site: Site, options: PruneWidthOptions) -> FeedForward:
+    ffn = read_feedforward(old, site, "prune_width")
+    inner = ffn.fc1.out_features
+    hidden = round(options.keep * inner)
+    if hidden < 1:
+        raise ValueError(f"keep={options.keep} leaves no hidden unit of the teacher's {inner}")
+    return resize_feedforward(ffn, site, hidden, options)
+
+
 register(
     Operator(
         name="mlp_ratio",
@@ -124,5 +185,18 @@ register(
         build=build_mlp_ratio,
         installs="module",
         paper="Grafting (Chandrasegaran et al. 2025); Dense2MoE (Taylor importance)",
+    )
+)
+
+register(
+    Operator(
+        name="prune_width",
+        site="mlp",
+        summary="Width pruning: keep the round(keep·H) most important of the teacher's H hidden units "
+        "(magnitude or Taylor), nothing added.",
+        options=PruneWidthOptions,
+        build=build_prune_width,
+        installs="module",
+        paper="PPCL (width pruning); Dense2MoE (Taylor importance)",
     )
 )

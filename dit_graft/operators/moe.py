@@ -46,8 +46,16 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from dit_graft.operators.base import FeedForwardLayout, Operator, Options, Site, inherit, read_feedforward, register
-from dit_graft.operators.mlp_ratio import magnitude_importance
+from dit_graft.operators.base import (
+    FeedForwardLayout,
+    Operator,
+    Options,
+    Site,
+    inherit,
+    magnitude_importance,
+    read_feedforward,
+    register,
+)
 
 
 class MoeOptions(Options):

@@ -30,6 +30,7 @@ from dit_graft.operators.base import (
     Options,
     Site,
     attention_pairs_flops,
+    band_mask,
     band_pairs,
     check_self_attention,
     register,
@@ -40,12 +41,6 @@ class SwaOptions(Options):
     """Options of the `swa` operator."""
 
     window: int = Field(default=64, ge=1, description="window w: key j visible to query i iff |i - j| ≤ w // 2")
-
-
-def band_mask(n: int, half: int, device: torch.device) -> torch.Tensor:
-    """(N, N) boolean mask, True where |i − j| ≤ half."""
-    idx = torch.arange(n, device=device, dtype=torch.int32)
-    return (idx[:, None] - idx[None, :]).abs() <= half
 
 
 class SlidingWindowAttnProcessor(MaskedSoftmaxProcessor):
