@@ -569,30 +569,64 @@ def inspect(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="An export, a model directory or bundled:NAME.")],
-    teacher: Annotated[str | None, typer.Option(help="Teacher to compare with (same noise, same classes).")] = None,
-    samples: Annotated[int, typer.Option(min=10, help="Images to generate (class-balanced).")] = 300,
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="An export, a model or pipeline directory, a DiT checkpoint, bundled:NAME."
+        ),
+    ],
+    teacher: Annotated[str | None, typer.Option(help="Teacher to compare with (same noise, same conditions).")] = None,
+    samples: Annotated[int, typer.Option(min=2, help="Samples to generate (spread over classes or captions).")] = 300,
     steps: Annotated[int, typer.Option(min=1, help="Sampler steps.")] = 50,
-    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 1.5,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (FLUX: unused).")] = 1.5,
     seed: Annotated[int, typer.Option(help="Noise and reference-set seed.")] = 0,
+    resolution: Annotated[
+        int | None, typer.Option(help="Image size in pixels (latent size × the VAE factor); default: the model's.")
+    ] = None,
+    conditions: Annotated[
+        Path | None, typer.Option(help="Cached caption embeddings (.safetensors) for PixArt/FLUX; default: synthetic.")
+    ] = None,
+    vae: Annotated[
+        Path | None,
+        typer.Option(help="VAE to decode latents (a diffusers VAE or pipeline directory); default: MODEL's vae/."),
+    ] = None,
+    real: Annotated[Path | None, typer.Option(help="Folder of real images (.png/.jpg) for FID.")] = None,
+    inception_weights: Annotated[
+        Path | None, typer.Option(help="FID Inception-v3 state dict (.pth or .safetensors), for --real.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device to sample on (cpu, cuda, cuda:1).")] = "cpu",
+    batch: Annotated[int, typer.Option(min=1, help="Samples per sampler call.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Directory for samples.png, report.md and report.json.")] = None,
-    inception_weights: Annotated[Path | None, typer.Option(help="Inception-v3 weights, for real-dataset FID.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Sample a model; FD and class accuracy on the digits, PSNR and latency against a teacher."""
-    from dit_graft.evaluate import evaluate, sample_grid, write_report
-    from dit_graft.export import from_pretrained
-    from dit_graft.loading import resolve_source
-    from dit_graft.metrics import require_inception_weights
+    """Sample a model; fidelity and latency against a teacher, digits FD/accuracy, real-dataset FID."""
+    from dit_graft.evaluate import FIDReference, evaluate, latent_size, load_vae, sample_grid, vae_dir, write_report
+    from dit_graft.metrics import require_fid_inputs
 
-    student = from_pretrained(resolve_source(model))
-    if student.config.in_channels != 1:
-        require_inception_weights(inception_weights)
-        raise InputError(
-            "eval: real-dataset FID is not available in this build; the digits metrics need a 1-channel digits model"
-        )
-    ref = from_pretrained(resolve_source(teacher)) if teacher else None
-    report, s, t = evaluate(student, ref, samples, steps, cfg, seed)
+    fid_inputs = require_fid_inputs(real, inception_weights)  # before anything is loaded or sampled
+    if conditions is not None and not conditions.is_file():
+        raise InputError(f"--conditions {conditions}: no such file")
+    student, student_path = _load_eval_model(model, device)
+    ref, teacher_path = _load_eval_model(teacher, device) if teacher else (None, None)
+    vae_path = vae
+    if vae is None and _eval_family(student).vae_scale(student) > 1:  # latents: MODEL's or the teacher's vae/
+        vae_path = next((d for d in (student_path, teacher_path) if d is not None and vae_dir(d)), None)
+    autoencoder = load_vae(vae_path, device) if vae_path is not None else None
+    fid = FIDReference(*fid_inputs, device=device) if fid_inputs is not None else None
+    report, s, t = evaluate(
+        student,
+        ref,
+        samples,
+        steps,
+        cfg,
+        seed,
+        conditions=conditions,
+        resolution=latent_size(student, resolution),
+        vae=autoencoder,
+        vae_source=str(vae_dir(vae_path)) if autoencoder is not None else None,
+        fid=fid,
+        batch=batch,
+    )
     report = {"model": model, "teacher": teacher, **report}
     if out is not None:
         write_report(report, sample_grid(s, t), out)
@@ -603,8 +637,35 @@ def eval_(
     table.add_column("metric")
     table.add_column("value")
     for k, v in report.items():
-        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        if k != "notes":
+            table.add_row(k, "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
     out_console.print(table)
+    for note in report["notes"]:
+        out_console.print(f"- {note}")
+
+
+def _eval_family(model):
+    """The model's family adapter; an unsupported class is an InputError."""
+    from dit_graft.families import family_for
+
+    try:
+        return family_for(model)
+    except KeyError as e:
+        raise InputError(f"eval: {e.args[0]}") from None
+
+
+def _load_eval_model(source: str, device: str):
+    """Loads MODEL or --teacher: exports and directories through from_pretrained, else the loader; (model, dir)."""
+    from dit_graft.export import from_pretrained
+    from dit_graft.loading import load_model, resolve_source
+
+    resolved = resolve_source(source)
+    if isinstance(resolved, Path) and resolved.is_dir():
+        model = from_pretrained(resolved, device)
+    else:  # an original DiT checkpoint file or a hub id
+        model = load_model(resolved).to(device)
+    _eval_family(model)
+    return model, resolved if isinstance(resolved, Path) and resolved.is_dir() else None
 
 
 @app.command()
