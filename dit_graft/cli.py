@@ -174,12 +174,10 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
         return _fmt(flops) + ("*" if path in cost.get("attention_formula", ()) else "")
 
     for e in graft_plan.edits:
-        if e.kept is not None:
-            dropped = [i for i, new in e.layer_map.items() if new == "dropped"]
-            scored = "" if e.scores is not None else " (unscored: no weights)"
-            table.add_row(
-                str(e.index), "blocks", f"{len(e.layer_map)} → {len(e.kept)}, dropped {dropped}{scored}", "-", "-"
-            )
+        if e.layer_map is not None:
+            from dit_graft.plan import describe_depth
+
+            table.add_row(str(e.index), "blocks", describe_depth(e), "-", "-")
         for m in e.modules:
             table.add_row(str(e.index), m.path, f"{m.old} → {m.new}", cell(before, m.path), cell(after, m.path))
     out_console.print(table)

@@ -19,7 +19,7 @@ from dit_graft.errors import RecipeError
 from dit_graft.families import Family, family_for
 from dit_graft.families.base import UnsupportedOperator
 from dit_graft.operators import OPERATORS
-from dit_graft.operators.prune_depth import block_importance, choose_blocks, keep_blocks
+from dit_graft.operators.depth import check_spans, spans_from_kept
 from dit_graft.recipe import GraftEdit, Recipe
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
@@ -45,9 +45,11 @@ class PlannedEdit(BaseModel):
     options: dict[str, Any]
     layers: list[int]
     modules: list[PlannedModule]
-    kept: list[int] | None = None  # depth edits: the surviving blocks (indices before the edit), in order
-    layer_map: dict[int, int | Literal["dropped"]] | None = None  # depth edits: old block index → new
-    scores: list[float] | None = None  # depth edits: each block's importance; None: planned unscored (meta)
+    # depth edits (old = block index before the edit, new = after it; see dit_graft.operators.depth):
+    kept: list[int] | None = None  # block-dropping edits: the old blocks surviving as whole blocks, ascending
+    layer_map: dict[int, int | Literal["dropped"]] | None = None  # old → the new block carrying its weights
+    scores: list[float] | None = None  # per old block (importance, keep probability); None: unscored (meta)
+    spans: list[list[int]] | None = None  # new block i stands in for the contiguous old blocks spans[i]
 
 
 class GraftPlan(BaseModel):
@@ -62,28 +64,41 @@ class GraftPlan(BaseModel):
 
     def operators_by_site(self) -> dict[str, str]:
         """The final operator of every touched module (later edits win), at its path in the final model."""
+        from dit_graft.families import FAMILIES
+
+        first = FAMILIES.get(self.family).groups[0] if self.family in FAMILIES else None
         out: dict[str, tuple[str | None, int, str]] = {}  # path → (group, layer, operator)
         for e in self.edits:
-            if e.layer_map is not None:  # a depth edit renumbers its group's blocks and drops some
-                out = {
-                    _renumbered(path, layer, e.layer_map[layer]) if group == e.group else path: (
-                        group,
-                        e.layer_map[layer] if group == e.group else layer,
-                        op,
-                    )
-                    for path, (group, layer, op) in out.items()
-                    if group != e.group or e.layer_map[layer] != "dropped"
-                }
+            if e.layer_map is not None:  # a depth edit renumbers the first group's blocks (drops, merges)
+                move = OPERATORS.get(e.op).structure.move_path
+                moved = {}
+                for path, (group, layer, op) in out.items():
+                    if (group or first) != first:
+                        moved[path] = (group, layer, op)
+                    elif (new_path := move(path, layer, e)) is not None:
+                        moved[new_path] = (group, e.layer_map[layer], op)
+                out = moved
             for m in e.modules:
                 out[m.path] = (e.group, m.layer, m.new)
         return {path: op for path, (_, _, op) in out.items()}
 
 
-def _renumbered(path: str, old: int, new: int) -> str:
-    """`path` with its first component equal to the block index `old` replaced by `new`."""
-    parts = path.split(".")
-    i = parts.index(str(old))
-    return ".".join([*parts[:i], str(new), *parts[i + 1 :]])
+def depth_spans(edit: PlannedEdit) -> list[list[int]]:
+    """For each block after a depth edit, the ascending contiguous old blocks it stands in for.
+
+    The edit's own `spans`; plans written before they were recorded only kept blocks, so there a kept
+    block stands for itself and the dropped blocks after it, up to the next kept one.
+    """
+    if edit.layer_map is None:
+        raise ValueError(f"graft.{edit.index} ({edit.op}) is not a depth edit")
+    if edit.spans is not None:
+        return [list(s) for s in edit.spans]
+    return spans_from_kept(edit.kept or [], len(edit.layer_map))
+
+
+def describe_depth(edit: PlannedEdit) -> str:
+    """One line saying what a depth edit does to the block list ("6 → 3, dropped [1, 3, 5]")."""
+    return OPERATORS.get(edit.op).structure.describe(edit)
 
 
 def select_layers(spec: str | int | list[int], num_layers: int, where: str) -> list[int]:
@@ -149,7 +164,7 @@ def plan(model: nn.Module, recipe: Recipe) -> GraftPlan:
     for i, edit in enumerate(recipe.graft):
         if edit.site == "depth":
             planned, pruned = _plan_depth(view, family, i, edit)
-            current = _renumber(current, sites, family.sites(pruned), planned.layer_map, family.groups[0])
+            current = _carry_operators(current, view, sites, pruned, family.sites(pruned))
             view, sites = pruned, family.sites(pruned)
             edits.append(planned)
         else:
@@ -165,54 +180,43 @@ def plan(model: nn.Module, recipe: Recipe) -> GraftPlan:
 
 
 def _plan_depth(model: nn.Module, family: Family, index: int, edit: GraftEdit) -> tuple[PlannedEdit, nn.Module]:
-    """Resolves a depth edit to the kept blocks; returns it and a view of `model` with only those blocks.
+    """Resolves a depth edit with its operator's planner; returns it and a view of `model` after the edit.
 
-    Scoring runs the model forward, so it needs real weights; on the meta device the kept blocks are
-    the pinned and then the first ones (`scores: None`), which is all a dry run's costs depend on.
+    The view shares every block and weight with `model`; only its block list and config differ. A
+    planner that scores blocks runs the model forward, so it needs real weights; on the meta device
+    it plans unscored (`scores: None`), which is all a dry run's costs depend on.
     """
     if family.keep_blocks is None:
         raise RecipeError(f"graft.{index}.site: the {family.name} family does not support depth edits yet")
-    options = OPERATORS.get(edit.op).parse_options(edit.options)
-    n = family.num_layers(model)
-    if options.keep > n:
-        raise RecipeError(f"graft.{index}.options.keep: keep={options.keep} exceeds the model's {n} blocks")
-    meta = next(model.parameters()).device.type == "meta"
-    scores = None if meta else block_importance(model, options)
-    kept = choose_blocks(scores, n, options.keep, family.pinned_blocks)
-    new_index = {old: new for new, old in enumerate(kept)}
-    layer_map: dict[int, int | Literal["dropped"]] = {i: new_index.get(i, "dropped") for i in range(n)}
-    view = copy.copy(model)  # shares every block and weight; only the block list and config differ
-    view._modules = dict(model._modules)
-    keep_blocks(view, kept)
+    op = OPERATORS.get(edit.op)
+    choice = op.structure.plan(model, family, op.parse_options(edit.options), f"graft.{index}.options")
     planned = PlannedEdit(
         index=index,
         site=edit.site,
         group=edit.group,
         op=edit.op,
         options=edit.options,
-        layers=kept,
+        layers=choice.layers,
         modules=[],
-        kept=kept,
-        layer_map=layer_map,
-        scores=scores,
+        kept=choice.kept,
+        layer_map=choice.layer_map,
+        scores=choice.scores,
+        spans=choice.spans,
     )
+    _check_depth_edit(planned, family.num_layers(model))
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    op.structure.apply(view, family, planned)
     return planned, view
 
 
-def _renumber(current: dict[str, str], before, after, layer_map, group: str) -> dict[str, str]:
-    """Moves the operators recorded per module path to the paths their blocks have after a depth edit."""
-    new_path = {
-        (getattr(s, "group", group), s.kind, s.layer): s.path for s in after if getattr(s, "group", group) == group
-    }
+def _carry_operators(current: dict[str, str], before: nn.Module, sites_before, after: nn.Module, sites_after):
+    """Moves the operators recorded per module path to the paths the same modules have after a depth edit."""
+    new_path = {id(after.get_submodule(s.path)): s.path for s in sites_after}
     out = {}
-    for s in before:
-        if s.path not in current:
-            continue
-        g = getattr(s, "group", group)
-        if g != group:
-            out[s.path] = current[s.path]
-        elif layer_map[s.layer] != "dropped":
-            out[new_path[(g, s.kind, layer_map[s.layer])]] = current[s.path]
+    for s in sites_before:
+        if s.path in current and (path := new_path.get(id(before.get_submodule(s.path)))) is not None:
+            out[path] = current[s.path]
     return out
 
 
@@ -270,7 +274,7 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
         if edit.site == "depth":
             _swap(student, family, segment)
             segment = []
-            keep_blocks(student, edit.kept)
+            OPERATORS.get(edit.op).structure.apply(student, family, edit)
         else:
             segment.append(edit)
     _swap(student, family, segment)
@@ -278,17 +282,29 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
 
 
 def _check_depth_edits(model: nn.Module, family: Family, graft_plan: GraftPlan) -> None:
-    """Checks every depth edit's kept blocks against the block count it meets, before anything is changed."""
+    """Checks every depth edit against the block count it meets, before anything is changed."""
     n = family.num_layers(model)
     for edit in graft_plan.edits:
         if edit.site != "depth":
             continue
         if family.keep_blocks is None:
             raise RecipeError(f"graft.{edit.index}: the {family.name} family does not support depth edits yet")
-        kept = edit.kept or []
-        if not kept or kept != sorted(set(kept)) or not all(0 <= i < n for i in kept):
-            raise RecipeError(f"graft.{edit.index}: kept blocks {kept} are not ascending indices below {n}")
-        n = len(kept)
+        n = _check_depth_edit(edit, n)
+
+
+def _check_depth_edit(edit: PlannedEdit, num_blocks: int) -> int:
+    """Checks a depth edit that meets `num_blocks` blocks (spans, layer map, operator rules); returns the new count."""
+    if edit.op not in OPERATORS or OPERATORS.get(edit.op).structure is None:
+        raise RecipeError(f"graft.{edit.index}: {edit.op!r} is not a depth operator")
+    try:
+        if edit.layer_map is None:
+            raise ValueError("no layer_map")
+        spans = depth_spans(edit)
+        check_spans(spans, edit.layer_map, num_blocks)
+        OPERATORS.get(edit.op).structure.check(edit, num_blocks)
+    except ValueError as e:
+        raise RecipeError(f"graft.{edit.index}: {edit.op} on {num_blocks} blocks: {e}") from None
+    return len(spans)
 
 
 def _swap(student: nn.Module, family: Family, edits: list[PlannedEdit]) -> None:

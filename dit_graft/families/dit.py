@@ -26,10 +26,19 @@ def _sites(model: nn.Module) -> list[FamilySite]:
     cfg = model.config
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     sites = []
-    for i, _ in enumerate(model.transformer_blocks):
-        sites.append(FamilySite(f"transformer_blocks.{i}.attn1", "attention", i, dim, cfg.num_attention_heads, grid))
-        sites.append(FamilySite(f"transformer_blocks.{i}.ff", "mlp", i, dim, None, grid))
+    for i, block in enumerate(model.transformer_blocks):
+        for path in _block_paths(block, f"transformer_blocks.{i}"):
+            sites.append(FamilySite(f"{path}.attn1", "attention", i, dim, cfg.num_attention_heads, grid))
+            sites.append(FamilySite(f"{path}.ff", "mlp", i, dim, None, grid))
     return sites
+
+
+def _block_paths(block: nn.Module, path: str) -> list[str]:
+    """The paths of the diffusers blocks in `block`: itself, or the branches of a parallel_blocks pair (layer i)."""
+    branches = getattr(block, "branches", None)
+    if not isinstance(branches, nn.ModuleList):
+        return [path]
+    return [p for j, b in enumerate(branches) for p in _block_paths(b, f"{path}.branches.{j}")]
 
 
 def install_image_grid(model: nn.Module) -> TokenGrid:

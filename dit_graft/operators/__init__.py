@@ -7,6 +7,7 @@ from dit_graft.operators import (  # noqa: F401
     local,
     mlp_ratio,
     moe,
+    parallel_blocks,
     prune_depth,
     sla,
     softmax,

@@ -63,8 +63,8 @@ class Operator:
 
     `installs` says how the walker puts it in: as the attention module's processor (the Attention and
     its to_q/to_k/to_v/to_out stay and are inherited for free), as a replacement module, or, for
-    `structure` edits (site `depth`), not through `build` at all: the planner resolves the edit to
-    data and the walker changes the block list (see `dit_graft.operators.prune_depth`).
+    `structure` edits (site `depth`), not through `build` at all: the operator's `structure` hooks
+    resolve the edit to data and change the block list (see `dit_graft.operators.depth`).
 
     `flops(site, tokens, options) -> int`, when given, is the attention core's forward FLOPs for one
     image of `tokens` tokens at `site`, as the operator's kernel does the work (a masked or sparse
@@ -82,6 +82,7 @@ class Operator:
     installs: Literal["processor", "module", "structure"] = "processor"
     paper: str = ""
     flops: Any = None  # Callable[[Site, int, Options], int] | None
+    structure: Any = None  # depth operators: a dit_graft.operators.depth.Restructure (plan, check, apply, ...)
 
     def parse_options(self, raw: dict[str, Any]) -> Options:
         return self.options.model_validate(raw)
