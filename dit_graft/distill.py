@@ -32,6 +32,7 @@ from dit_graft.families import Family, family_for
 from dit_graft.families.base import Conditions, conditions_to, drop_to_null, num_conditions, take_rows
 from dit_graft.families.dit import freeze_label_dropout
 from dit_graft.losses import LOSSES, LossInputs
+from dit_graft.plan import GraftPlan
 from dit_graft.recipe import DistillSection
 
 CKPT_PREFIX = "step-"
@@ -77,6 +78,7 @@ def teacher_pool(teacher: nn.Module, cfg: DistillSection, work_dir: Path, progre
     The pool holds `images` (the teacher's samples, in the family's latent layout) and the conditions each
     was sampled with, as `cond.NAME` tensors.
     """
+    work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / "pool.safetensors"
     key = pool_key(cfg)
     if path.is_file():
@@ -214,6 +216,18 @@ class _BlockOutputs:
             h.remove()
 
 
+def feature_blocks(teacher: nn.Module, graft_plan: GraftPlan | None) -> list[nn.Module]:
+    """The teacher blocks whose outputs the student's blocks match, in order (depth edits: each span's last)."""
+    family = family_for(teacher)
+    blocks = family.blocks(teacher)
+    if graft_plan is None or not any(e.layer_map is not None for e in graft_plan.edits):
+        return blocks
+    from dit_graft.stage1 import block_origins
+
+    n = family.num_layers(teacher)
+    return [blocks[last] for _, last in block_origins(graft_plan, n)] + blocks[n:]
+
+
 def lr_lambda(cfg: DistillSection):
     """Linear warmup, then cosine decay to 10% of the peak."""
     total = max(cfg.steps, 1)
@@ -229,8 +243,13 @@ def distill(
     work_dir: Path,
     resume: bool = False,
     progress=None,
+    graft_plan: GraftPlan | None = None,
 ) -> DistillResult:
-    """Trains `student` in place against the frozen `teacher`; returns the loss log."""
+    """Trains `student` in place against the frozen `teacher`; returns the loss log.
+
+    `graft_plan` (the plan that made the student) is needed by `feature_mse` after depth edits: each
+    student block's output is compared with the output of the last teacher block it stands for.
+    """
     family: Family = family_for(teacher)
     work_dir.mkdir(parents=True, exist_ok=True)
     # accelerate keeps one process-wide state; a library may run several distillations with different
@@ -258,7 +277,7 @@ def distill(
     weights = {k: w for k, w in cfg.losses.model_dump().items() if w > 0}
     want_features = "feature_mse" in weights
     s_hooks = _BlockOutputs(family.blocks(accelerator.unwrap_model(student))) if want_features else None
-    t_hooks = _BlockOutputs(family.blocks(teacher)) if want_features else None
+    t_hooks = _BlockOutputs(feature_blocks(teacher, graft_plan)) if want_features else None
     bad = 0
     try:
         for step in range(start, cfg.steps):

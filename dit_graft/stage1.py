@@ -30,7 +30,7 @@ from torch import nn
 from dit_graft.errors import DivergenceError, IntegrityError
 from dit_graft.families import family_for
 from dit_graft.families.dit import freeze_label_dropout
-from dit_graft.plan import GraftPlan, PlannedEdit
+from dit_graft.plan import GraftPlan, depth_spans
 from dit_graft.recipe import ActivationSection, DistillSection
 
 
@@ -47,24 +47,6 @@ class Target:
         if self.first == self.last:
             return self.student
         return f"{self.student} ← {self.first}…{self.last.rsplit('.', 1)[-1]}"
-
-
-def depth_spans(edit: PlannedEdit) -> list[list[int]]:
-    """For each block after a depth edit, the contiguous old blocks it stands for.
-
-    The plan's own `spans` where it records them; otherwise (plans that only keep blocks) a kept block
-    stands for itself and the dropped blocks after it, up to the next kept one.
-    """
-    spans = getattr(edit, "spans", None)
-    if spans is not None:
-        return [list(s) for s in spans]
-    kept = edit.kept or []
-    n = len(edit.layer_map)
-    bounds = [*kept[1:], n]
-    out = [list(range(k, end)) for k, end in zip(kept, bounds, strict=True)]
-    if out and kept[0] > 0:  # blocks dropped before the first kept one: the first kept block covers them
-        out[0] = list(range(0, bounds[0]))
-    return out
 
 
 def _split_at_layer(path: str, layer: int) -> tuple[list[str], list[str]]:
@@ -89,14 +71,13 @@ def targets(teacher: nn.Module, student: nn.Module, graft_plan: GraftPlan) -> li
     family = family_for(teacher)
     n_first = family.num_layers(teacher)
     first_group = family.groups[0]
-    origin: dict[str, dict[int, tuple[int, int]]] = {first_group: {i: (i, i) for i in range(n_first)}}
+    origin = {first_group: {i: (i, i) for i in range(n_first)}}
     sites: dict[tuple[str, str, int, str], None] = {}  # (group, prefix, layer, suffix), insertion-ordered
     for edit in graft_plan.edits:
         group = edit.group or first_group
         if edit.layer_map is not None:
             spans = depth_spans(edit)
-            before = origin[group]
-            origin[group] = {j: (before[span[0]][0], before[span[-1]][1]) for j, span in enumerate(spans)}
+            origin[group] = _merge(origin[group], spans)
             renumbered: dict[tuple[str, str, int, str], None] = {}
             for g, prefix, layer, suffix in sites:
                 if g != group:
@@ -128,6 +109,20 @@ def targets(teacher: nn.Module, student: nn.Module, graft_plan: GraftPlan) -> li
             a, b = spans_now[j]
             out.append(Target(student=s_blocks[j], first=t_blocks[a], last=t_blocks[b]))
     return out
+
+
+def _merge(origin: dict[int, tuple[int, int]], spans: list[list[int]]) -> dict[int, tuple[int, int]]:
+    """Block origins after a depth edit: new block j spans from its first old block's start to its last's end."""
+    return {j: (origin[span[0]][0], origin[span[-1]][1]) for j, span in enumerate(spans)}
+
+
+def block_origins(graft_plan: GraftPlan, num_layers: int) -> list[tuple[int, int]]:
+    """For each block of the student's first group, the span (first, last) of teacher blocks it stands for."""
+    origin = {i: (i, i) for i in range(num_layers)}
+    for edit in graft_plan.edits:
+        if edit.layer_map is not None:
+            origin = _merge(origin, depth_spans(edit))
+    return [origin[j] for j in range(len(origin))]
 
 
 def _block_paths(model: nn.Module, blocks: list[nn.Module]) -> list[str]:

@@ -13,9 +13,9 @@ from dit_graft.autoselect import placeholder, resolve
 from dit_graft.distill import training_batch, training_pool
 from dit_graft.errors import RecipeError
 from dit_graft.families import family_for
-from dit_graft.plan import PlannedEdit, apply, plan
+from dit_graft.plan import PlannedEdit, apply, depth_spans, plan
 from dit_graft.recipe import validate
-from dit_graft.stage1 import Target, _Recorder, activation_distill, depth_spans, relative_error, targets
+from dit_graft.stage1 import Target, _Recorder, activation_distill, relative_error, targets
 from tests.conftest import tiny_dit, tiny_recipe
 from tests.test_cli import run_cli
 
@@ -236,3 +236,21 @@ def test_stage_one_only_and_recipe_errors(tmp_path, tiny_dit_dir, write_recipe, 
     bad["graft"][0]["layers"] = {"auto": {"fraction": 1.5}}
     code, _, stderr = run_cli(["validate", write_recipe(bad, "bad2.yaml")], capsys)
     assert code == 2 and "graft.0.layers: auto.fraction: Input should be less than or equal to 1" in stderr
+
+
+def test_feature_loss_after_a_depth_edit_matches_each_spans_last_block(tmp_path):
+    from dit_graft.distill import distill, feature_blocks
+
+    teacher = tiny_dit(num_layers=4)
+    recipe = _recipe(
+        [{"site": "depth", "op": "prune_depth", "options": {"keep": 2}}],
+        losses={"eps_mse": 1.0, "sigma_mse": 1.0, "feature_mse": 1.0},
+        steps=2,
+    )
+    gp = plan(teacher, recipe)
+    student = apply(teacher, gp)
+    spans = depth_spans(gp.edits[0])
+    assert feature_blocks(teacher, gp) == [teacher.transformer_blocks[s[-1]] for s in spans]
+    assert feature_blocks(teacher, None) == list(teacher.transformer_blocks)
+    result = distill(teacher, student, recipe.distill, tmp_path, graft_plan=gp)
+    assert all(r["feature_mse"] > 0 for r in result.log)
