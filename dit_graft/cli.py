@@ -40,13 +40,16 @@ def _fmt(n: float) -> str:
 
 def _load_teacher(recipe, recipe_path: Path, meta: bool, check_out: Path | None = None):
     """Resolves and loads the recipe's teacher; with `check_out`, first refuses a bad output path."""
-    from dit_graft.loading import load_model, resolve_source
+    from dit_graft.loading import load_model, resolve_config, resolve_source
     from dit_graft.recipe import recipe_dir
 
     source = resolve_source(recipe.model.source, recipe_dir(recipe_path))
+    config = resolve_config(recipe.model.config, recipe_dir(recipe_path)) if recipe.model.config else None
     if check_out is not None:
         _check_out(check_out, source)
-    return source, load_model(source, recipe.model.subfolder, meta=meta, num_heads=recipe.model.num_heads)
+    return source, load_model(
+        source, recipe.model.subfolder, meta=meta, num_heads=recipe.model.num_heads, config=config
+    )
 
 
 def _check_family(model) -> None:
@@ -81,60 +84,54 @@ def _plan_meta(model, recipe):
 def _cost(model, resolution: int | None = None) -> dict[str, Any]:
     """Parameters and forward FLOPs per image (total and per attention site), on the model's device.
 
-    Attention sites whose operator has a FLOP formula (`Operator.flops`; the teacher's own SDPA
-    processors count as `softmax`) report the q/k/v/out projections measured by FlopCounterMode plus
-    the formula's attention core, listed in `attention_formula`; the total is corrected to match.
-    Measuring is not enough there: the PyTorch paths of masked and sparse attention compute densely
-    where their kernels skip work. Other sites, and processors that correct their own count
-    (`flop_correction`, see `count_flops`), report FlopCounterMode's measurement.
+    FlopCounterMode measures the forward (`count_flops`); then every attention site whose processor has a
+    FLOP formula (`attention_core_flops`: the operator's `Operator.flops`, FLUX's joint processors' own
+    `core_flops`, softmax's for diffusers' processors) reports its q/k/v/out projections as measured plus the
+    formula's attention core, and is listed in `attention_formula`; the total is corrected to match.
+    Measuring is not enough there: the PyTorch paths of masked and sparse attention compute densely where
+    their kernels skip work. Other sites (PixArt's cross-attention, a call whose token counts are unknown)
+    report FlopCounterMode's measurement.
     """
     from torch import nn
 
     from dit_graft.families import count_flops, family_for, param_count
-    from dit_graft.operators import OPERATORS
-    from dit_graft.operators.base import installed_operator
+    from dit_graft.operators.base import attention_core_flops
 
     family = family_for(model)
     device = next(model.parameters()).device
-    paths = [s.path for s in family.sites(model) if s.kind == "attention"]
-    tokens: dict[str, list[int | None]] = {p: [] for p in paths}
+    sites = [s for s in family.sites(model) if s.kind == "attention"]
+    calls: dict[str, list[tuple[int, int] | None]] = {s.path: [] for s in sites}
 
-    def record(path):
+    def record(site):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            context = [*args[1:], kwargs.get("encoder_hidden_states"), kwargs.get("attention_mask")]
-            self_attention = x.ndim == 3 and all(c is None for c in context)
-            tokens[path].append(x.shape[1] if self_attention else None)
+            context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+            calls[site.path].append(site.grid.call_tokens(x, context, mask))  # (image tokens, text tokens)
 
         return hook
 
-    hooks = [model.get_submodule(p).register_forward_pre_hook(record(p), with_kwargs=True) for p in paths]
+    hooks = [model.get_submodule(s.path).register_forward_pre_hook(record(s), with_kwargs=True) for s in sites]
     try:
         total, per_module = count_flops(model, family.example_inputs(model, 1, resolution, device))
     finally:
         for h in hooks:
             h.remove()
     attn, formula = {}, []
-    for site in family.sites(model):  # read after the forward, which records the token grid
-        if site.kind != "attention":
-            continue
+    for site in sites:  # formulas read the token grid the forward recorded
         module = model.get_submodule(site.path)
         measured = per_module.get(site.path, 0)
         attn[site.path] = measured
         processor = getattr(module, "processor", None)
-        rule = None if hasattr(processor, "flop_correction") else installed_operator(processor)
-        if rule is None and type(processor).__name__ in ("AttnProcessor2_0", "AttnProcessor"):
-            rule = OPERATORS.get("softmax"), OPERATORS.get("softmax").parse_options({})
-        calls = tokens[site.path]
-        if rule is None or rule[0].flops is None or not calls or None in calls:
+        cores = [None if c is None else attention_core_flops(processor, site, *c) for c in calls[site.path]]
+        if not cores or None in cores:
             continue
-        op, options = rule
         projections = sum(
             per_module.get(f"{site.path}.{name}", 0)
             for name, m in module.named_modules()
             if isinstance(m, nn.Linear) and not name.startswith("processor")
         )
-        attn[site.path] = projections + sum(op.flops(site, n, options) for n in calls)
+        attn[site.path] = projections + sum(cores)
         total += attn[site.path] - measured
         formula.append(site.path)
     params = param_count(model)

@@ -1,7 +1,16 @@
-"""Loading teachers and checkpoints: diffusers directories, pipeline directories, hub ids, original DiT.
+"""Loading teachers and checkpoints: diffusers directories, pipeline directories, hub ids, single files.
 
 Every weight file is read without unpickling (safetensors; `.pt` only through
 `torch.load(weights_only=True)`), and every key and shape is checked before the model is touched.
+
+A single `.safetensors` file is recognised by its key names, read from the header alone
+(`checkpoint_layout`): Black Forest Labs' FLUX layout (`img_in.weight`, `double_blocks.*`; see
+`dit_graft.families.flux`), the original facebookresearch DiT layout (`x_embedder.proj.weight`, `blocks.*`),
+or diffusers' own layout (`transformer_blocks.*`). Single files carry no config: the original-DiT config is
+read off its shapes; the other two take a local config directory (`model.config` in a recipe: a diffusers
+model or pipeline directory, or `bundled:configs/NAME`). For the BFL layout it defaults to
+`bundled:configs/flux-dev` with the block counts and the guidance embedder read off the keys; diffusers'
+layout has no default. Anything else is refused with one line naming the file and its first keys.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from dit_graft.errors import IntegrityError, RecipeError
+from dit_graft.errors import InputError, IntegrityError, RecipeError
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_PREFIX = "bundled:"
@@ -77,6 +86,17 @@ def resolve_source(source: str, base_dir: Path | None = None) -> str | Path:
     if _HUB_ID.match(source) and not source.startswith((".", "/")):
         return source
     raise IntegrityError(f"model source {source!r}: no such file or directory")
+
+
+def resolve_config(config: str, base_dir: Path | None = None) -> Path:
+    """A recipe's `model.config` → the local directory holding its config.json (`bundled:configs/NAME` too)."""
+    try:
+        path = resolve_source(config, base_dir)
+    except IntegrityError:
+        raise InputError(f"model.config {config!r}: no such directory") from None
+    if not isinstance(path, Path):
+        raise InputError(f"model.config {config!r}: not a local directory (configs are not fetched from the hub)")
+    return model_dir(path)
 
 
 def model_dir(path: Path, subfolder: str | None = None) -> Path:
@@ -174,26 +194,91 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     load_state_dict_checked(model, state, str(directory))
 
 
-def load_model(source: str | Path, subfolder: str | None = None, meta: bool = False, num_heads: int | None = None):
-    """Loads a diffusers transformer from a local directory, an original DiT checkpoint or a hub id.
+def load_model(
+    source: str | Path,
+    subfolder: str | None = None,
+    meta: bool = False,
+    num_heads: int | None = None,
+    config: Path | None = None,
+):
+    """Loads a diffusers transformer from a local directory, a single checkpoint file or a hub id.
 
-    With `meta=True` only the config is read and the model lives on the meta device (no weights).
+    `config` (a directory holding a config.json, see `model_dir`) is the config of a single-file checkpoint
+    in the BFL FLUX or diffusers layout. With `meta=True` only configs and headers are read and the model
+    lives on the meta device (no weights).
     """
+    if config is not None and not (isinstance(source, Path) and source.is_file()):
+        raise InputError(f"model.config {config}: only single-file checkpoints take a config ({source} has its own)")
     if isinstance(source, str):
         return _load_hub(source, subfolder, meta)
     if source.is_file():
-        from dit_graft.families.dit_original import load_original_dit
-
-        if meta:
-            with torch.device("meta"):
-                return load_original_dit(source, num_heads=num_heads)
-        return load_original_dit(source, num_heads=num_heads)
+        return _load_file(source, meta, num_heads, config)
     directory = model_dir(source, subfolder)
     if not meta:
         safetensors_files(directory)  # a config-only or weightless directory fails here, before the model is built
     model = build_from_config(read_config(directory), meta=meta)
     if not meta:
         load_weights(model, directory)
+    return model.eval()
+
+
+def safetensors_header(path: Path) -> dict[str, list[int]]:
+    """Key → shape of every tensor in a safetensors file, from its header alone (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise IntegrityError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
+
+
+def checkpoint_layout(keys) -> str | None:
+    """ "bfl-flux", "original-dit" or "diffusers" from a state dict's key names; None for anything else."""
+    from dit_graft.families.flux import is_bfl_flux
+
+    if is_bfl_flux(keys):
+        return "bfl-flux"
+    if "x_embedder.proj.weight" in keys and any(k.startswith("blocks.") for k in keys):
+        return "original-dit"
+    if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in keys):
+        return "diffusers"
+    return None
+
+
+def _load_file(path: Path, meta: bool, num_heads: int | None, config: Path | None):
+    """A single checkpoint file: its layout from the safetensors header (`.pt`/`.pth`/`.bin`: original DiT)."""
+    layout = "original-dit"
+    if path.suffix.lower() == ".safetensors":
+        header = safetensors_header(path)
+        layout = checkpoint_layout(header)
+    if layout is None:
+        first = ", ".join(sorted(header)[:3]) or "no tensors"
+        raise InputError(
+            f"{path}: not a checkpoint layout dit-graft reads (neither diffusers, nor Black Forest Labs' FLUX, nor "
+            f"original DiT; first keys: {first})"
+        )
+    if layout == "original-dit":
+        from dit_graft.families.dit_original import load_original_dit
+
+        if config is not None:
+            raise InputError(f"model.config {config}: an original DiT checkpoint's config is read off its shapes")
+        if meta:
+            with torch.device("meta"):
+                return load_original_dit(path, num_heads=num_heads)
+        return load_original_dit(path, num_heads=num_heads)
+    if layout == "bfl-flux":
+        from dit_graft.families.flux import bfl_config, load_bfl_flux
+
+        cfg = read_config(model_dir(config)) if config is not None else None
+        cfg = cfg or bfl_config(header, read_config(ASSETS / CONFIGS / "flux-dev"))
+        try:
+            return load_bfl_flux(header, cfg, lambda: read_safetensors(path), meta=meta)
+        except IntegrityError as e:
+            raise IntegrityError(f"{path}: {e}") from None
+    if config is None:
+        raise InputError(f"{path}: a diffusers-layout state dict carries no config; set model.config to its directory")
+    model = build_from_config(read_config(model_dir(config)), meta=meta)
+    state = read_safetensors(path) if not meta else {k: torch.empty(s, device="meta") for k, s in header.items()}
+    load_state_dict_checked(model, state, str(path))
     return model.eval()
 
 

@@ -28,6 +28,10 @@ class ModelSection(Strict):
     source: str = Field(description="bundled:NAME, a diffusers model/pipeline directory, a checkpoint file or a hub id")
     subfolder: str | None = None
     num_heads: int | None = Field(default=None, ge=1, description="heads, for original DiT checkpoints only")
+    config: str | None = Field(
+        default=None,
+        description="config directory (or bundled:configs/NAME) of a single-file FLUX (BFL) or diffusers checkpoint",
+    )
 
 
 class AutoLayers(Strict):

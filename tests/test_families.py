@@ -11,6 +11,7 @@ from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 import dit_graft
+from dit_graft.cli import _cost
 from dit_graft.distill import distill
 from dit_graft.errors import IntegrityError, RecipeError
 from dit_graft.export import export
@@ -103,8 +104,8 @@ def test_sites_groups_and_plans_name_the_real_modules():
 @pytest.mark.parametrize(
     "model, edit, message",
     [
-        (tiny_flux, {"site": "attention", "op": "swa"}, "operator 'swa' does not support the flux family"),
-        (tiny_flux, {"site": "attention", "op": "gated_conv"}, "operator 'gated_conv' does not support the flux"),
+        (tiny_flux, {"site": "attention", "op": "gated_conv"}, "'gated_conv' is not supported on the flux .*no keys"),
+        (tiny_flux, {"site": "attention", "group": "single", "op": "gated_conv"}, "lose their only path to the text"),
         (tiny_pixart, {"site": "attention", "group": "cross", "op": "local"}, "'local' does not support the pixart"),
         (tiny_pixart, {"site": "attention", "group": "double", "op": "linear"}, "has no block group 'double'"),
         (tiny_flux, {"site": "mlp", "group": "single", "op": "mlp_ratio"}, "single blocks have no mlp sites"),
@@ -205,20 +206,23 @@ def test_local_processor_masks_the_clear_pattern_and_counts_only_kept_pairs():
     processor = student.transformer_blocks[0].attn.processor
     assert isinstance(processor, JointLocalProcessor)
     student._dit_graft_grid.hw = (2, 3)
-    mask = processor.mask(torch.zeros(1, 2, 5 + 6, 8), text=5)  # 5 text tokens, then a 2x3 image grid
+    q = torch.zeros(1, 2, 5 + 6, 8)  # 5 text tokens, then a 2x3 image grid
+    processor.attend(q, q, q, text=5)
+    (mask,) = [m for key, m in student._dit_graft_grid.masks.items() if key[0] == "local"]
     assert mask[:5].all() and mask[:, :5].all()  # text queries see everything; every query sees the text
     expected = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(mask[5:8, 5:], expected)  # radius 1.2: self and the 4-neighbours
     # FLOPs: the dense SDPA the CPU path runs is replaced by the kept pairs only
-    fam = family_for(teacher)
-    inputs = fam.example_inputs(teacher, 1, 8, "meta")  # 4x4 image tokens, 512 text tokens
-    total_t, per_t = count_flops(teacher.to("meta"), inputs)
-    total_s, per_s = count_flops(student.to("meta"), inputs)
+    before, after = _cost(teacher.to("meta"), 8), _cost(student.to("meta"), 8)  # 4x4 image tokens, 512 text tokens
+    _, measured = count_flops(student, family_for(student).example_inputs(student, 1, 8, "meta"))
     text, n, c = 512, 16, 16
     pairs_kept = text * (text + n) + n * text + 16 + 2 * 24  # image-image pairs: 16 self + 2 per grid edge
     dense = 4 * (text + n) ** 2 * c
-    assert per_t["transformer_blocks.0.attn"] - per_s["transformer_blocks.0.attn"] == dense - 4 * pairs_kept * c
-    assert total_t - total_s == dense - 4 * pairs_kept * c
+    site = "transformer_blocks.0.attn"
+    assert before["attention_flops"][site] == after["attention_flops"][site] + dense - 4 * pairs_kept * c
+    assert before["attention_flops"][site] == measured[site]  # the teacher's formula is what is measured
+    assert before["flops"] - after["flops"] == dense - 4 * pairs_kept * c
+    assert site in after["attention_formula"]
 
 
 def _captions_file(path, n=3, tokens=6, dim=24, pooled=None):

@@ -57,7 +57,8 @@ class Family:
     - `objective`: what the output means ("eps_sigma": eps and learned-variance channels (DiT, PixArt);
       "flow_velocity": the flow-matching velocity noise − x0 (FLUX))
     - `builders(site, op_name)` → the builder for that operator there, `GENERIC` for the operator's own, or
-      None where the family does not support it; the field None means every operator, generically
+      None where the family does not support it (or it raises UnsupportedOperator saying why it never will);
+      the field None means every operator, generically
     - `keep_blocks(model, kept)` → keeps only the blocks `kept`, renumbered, and updates the config (depth
       edits; None: unsupported); `pinned_blocks` are blocks no depth edit may drop
     """
@@ -89,17 +90,26 @@ class Family:
         """The function that builds `op` at `site`; UnsupportedOperator names the operators that do work there."""
         if self.builders is None:
             return op.build
-        found = self.builders(site, op.name)
+        found = self.builders(site, op.name)  # may itself raise UnsupportedOperator, saying why
         if found is None:
             from dit_graft.operators import OPERATORS
 
-            ok = [n for n, o in OPERATORS.items() if o.site == site.kind and self.builders(site, n) is not None]
+            ok = [n for n, o in OPERATORS.items() if o.site == site.kind and self.supports(site, n)]
             group = getattr(site, "group", "blocks")
             raise UnsupportedOperator(
                 f"operator {op.name!r} does not support the {self.name} family's {group} {site.kind} sites yet "
                 f"(supported there: {', '.join(ok) or 'none'})"
             )
         return op.build if found == GENERIC else found
+
+    def supports(self, site: Site, op_name: str) -> bool:
+        """Whether operator `op_name` has a builder at `site` in this family."""
+        if self.builders is None:
+            return True
+        try:
+            return self.builders(site, op_name) is not None
+        except UnsupportedOperator:
+            return False
 
 
 FAMILIES: Registry[Family] = Registry("family")
@@ -175,27 +185,19 @@ def count_flops(model: nn.Module, inputs: dict[str, Any]) -> tuple[int, dict[str
     device, so full-size models are counted without weights. On the CPU, SDPA runs its math backend while
     counting (its fused CPU kernel is invisible to FlopCounterMode), so attention is counted there too.
 
-    A module with an integer `flop_correction` attribute (processors whose PyTorch path does dense work
-    where their kernel skips it, e.g. masked attention) adds it up during the forward: the kernel's
-    FLOPs minus the dense FLOPs counted. It is applied to that module, its ancestors and the total.
+    This is a pure measurement of what the PyTorch paths compute. Where an attention kernel skips work
+    that its PyTorch path does densely (masked, sparse attention), cost reports replace the attention core
+    by the operator's formula (`dit_graft.operators.base.attention_core_flops`, used by the CLI's cost
+    report): that is the one correction mechanism, kept because formulas need no forward pass and are
+    tested against this measurement on the dense paths.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    corrected = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "flop_correction", None), int)}
-    for m in corrected.values():
-        m.flop_correction = 0
     cpu = any(p.device.type == "cpu" for p in model.parameters())
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH) if cpu else contextlib.nullcontext():
         model(**inputs)
     root_name = type(model).__name__
     per_module = {k.removeprefix(root_name + "."): sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    total = counter.get_total_flops()
-    for name, m in corrected.items():
-        delta = m.flop_correction
-        for key in per_module:
-            if key in ("Global", root_name) or key == name or name.startswith(key + "."):
-                per_module[key] += delta
-        total += delta
-    return total, per_module
+    return counter.get_total_flops(), per_module

@@ -10,8 +10,9 @@ Block groups for recipes:
   is no MLP site.
 
 Layers are numbered within a group. Attention operators are FluxAttention processors acting the CLEAR way
-(operators/text_attention.py): `softmax`, `linear` and `local` are implemented; any other attention
-operator is refused at plan time. MLP operators apply to `ff` as on DiT.
+(operators/text_attention.py): `softmax`, `linear`, `local`, `swa`, `sparse` and `sla` are implemented;
+`gated_conv` is refused at plan time with the reason (no keys: image tokens would lose the text). MLP
+operators apply to `ff` as on DiT.
 
 Samples live in the unpacked latent layout (B, C, H, W) with C = in_channels / 4 (16 for FLUX.1); the
 adapter packs 2×2 latent patches into tokens (B, H/2 · W/2, 4C) around each model call and builds the
@@ -19,6 +20,17 @@ position ids (text ids 0; image ids (0, row, col)). Objective: flow matching, x_
 model predicts v = ε − x0 (training σ ~ logit-normal); sampler: flow-match Euler with FLUX's
 resolution-dependent time shift. FLUX.1-dev is guidance-distilled: the guidance scale (3.5) is part of the
 conditions, and there is no null condition (no classifier-free guidance; `null_class_prob` has no effect).
+
+Checkpoints in Black Forest Labs' original layout (the single `flux1-dev.safetensors` of the FLUX.1
+release; keys `img_in.weight`, `double_blocks.{i}.img_attn.qkv.weight`, `single_blocks.{i}.linear1.weight`,
+..., optionally under ComfyUI's `model.diffusion_model.` prefix) load through `load_bfl_flux`: templated
+key maps to diffusers' names (the mapping of diffusers' `convert_flux_transformer_checkpoint_to_diffusers`),
+fused tensors split by the diffusers model's own widths, every key and shape checked before the model is
+touched. diffusers' single-file loader (`FluxTransformer2DModel.from_single_file`) is not used: its converter
+hard-codes FLUX.1's width (3072) when it splits the single-stream `linear1`, so it loads no other size (no
+tiny model, so nothing testable here), and it skips unknown keys silently. The config is a local one
+(`model.config`; default: the bundled FLUX.1-dev config with the block counts and the guidance embedder read
+off the checkpoint's keys, which covers FLUX.1-dev and -schnell).
 """
 
 from __future__ import annotations
@@ -27,12 +39,14 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from dit_graft.diffusion import flow_euler_sample, flow_mu, flow_noise
-from dit_graft.families.base import FAMILIES, GENERIC, Conditions, Family, FamilySite
+from dit_graft.errors import IntegrityError
+from dit_graft.families.base import FAMILIES, GENERIC, Conditions, Family, FamilySite, UnsupportedOperator
 from dit_graft.families.text import read_captions, spread, synthetic_captions
-from dit_graft.operators.text_attention import JOINT_BUILDERS, JointGrid
+from dit_graft.operators.text_attention import JOINT_BUILDERS, JOINT_REFUSED, JointGrid
 
 # FLUX.1-dev's defaults: 1024 px images (128×128 latents), 512 T5 tokens, guidance 3.5.
 DEFAULT_LATENT = 128
@@ -59,9 +73,14 @@ def _sites(model: nn.Module) -> list[FamilySite]:
 
 
 def _builders(site: FamilySite, op: str):
-    if site.kind == "attention":
-        return JOINT_BUILDERS.get(op)
-    return GENERIC
+    if site.kind != "attention":
+        return GENERIC
+    if op in JOINT_REFUSED:
+        raise UnsupportedOperator(
+            f"operator {op!r} is not supported on the flux family's attention sites: {JOINT_REFUSED[op]} "
+            f"(supported there: {', '.join(JOINT_BUILDERS)})"
+        )
+    return JOINT_BUILDERS.get(op)
 
 
 def _install_grid(model: nn.Module) -> JointGrid:
@@ -170,6 +189,148 @@ def _latent_shape(model: nn.Module, resolution: int | None = None) -> tuple[int,
     if size % 2:
         raise ValueError(f"FLUX latents pack 2×2: the latent size must be even, got {size}")
     return (model.config.in_channels // 4, size, size)
+
+
+# Black Forest Labs' layout → diffusers, one tensor to one; "{i}" a block index, "{p}" weight or bias.
+BFL_TO_DIFFUSERS: dict[str, str] = {
+    "img_in.{p}": "x_embedder.{p}",
+    "txt_in.{p}": "context_embedder.{p}",
+    "time_in.in_layer.{p}": "time_text_embed.timestep_embedder.linear_1.{p}",
+    "time_in.out_layer.{p}": "time_text_embed.timestep_embedder.linear_2.{p}",
+    "vector_in.in_layer.{p}": "time_text_embed.text_embedder.linear_1.{p}",
+    "vector_in.out_layer.{p}": "time_text_embed.text_embedder.linear_2.{p}",
+    "guidance_in.in_layer.{p}": "time_text_embed.guidance_embedder.linear_1.{p}",
+    "guidance_in.out_layer.{p}": "time_text_embed.guidance_embedder.linear_2.{p}",
+    "final_layer.linear.{p}": "proj_out.{p}",
+    "double_blocks.{i}.img_mod.lin.{p}": "transformer_blocks.{i}.norm1.linear.{p}",
+    "double_blocks.{i}.txt_mod.lin.{p}": "transformer_blocks.{i}.norm1_context.linear.{p}",
+    "double_blocks.{i}.img_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_q.weight",
+    "double_blocks.{i}.img_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_k.weight",
+    "double_blocks.{i}.txt_attn.norm.query_norm.scale": "transformer_blocks.{i}.attn.norm_added_q.weight",
+    "double_blocks.{i}.txt_attn.norm.key_norm.scale": "transformer_blocks.{i}.attn.norm_added_k.weight",
+    "double_blocks.{i}.img_attn.proj.{p}": "transformer_blocks.{i}.attn.to_out.0.{p}",
+    "double_blocks.{i}.txt_attn.proj.{p}": "transformer_blocks.{i}.attn.to_add_out.{p}",
+    "double_blocks.{i}.img_mlp.0.{p}": "transformer_blocks.{i}.ff.net.0.proj.{p}",
+    "double_blocks.{i}.img_mlp.2.{p}": "transformer_blocks.{i}.ff.net.2.{p}",
+    "double_blocks.{i}.txt_mlp.0.{p}": "transformer_blocks.{i}.ff_context.net.0.proj.{p}",
+    "double_blocks.{i}.txt_mlp.2.{p}": "transformer_blocks.{i}.ff_context.net.2.{p}",
+    "single_blocks.{i}.modulation.lin.{p}": "single_transformer_blocks.{i}.norm.linear.{p}",
+    "single_blocks.{i}.norm.query_norm.scale": "single_transformer_blocks.{i}.attn.norm_q.weight",
+    "single_blocks.{i}.norm.key_norm.scale": "single_transformer_blocks.{i}.attn.norm_k.weight",
+    "single_blocks.{i}.linear2.{p}": "single_transformer_blocks.{i}.proj_out.{p}",
+}
+
+# Fused tensors → consecutive row blocks, one per diffusers tensor (row counts from the diffusers model).
+BFL_SPLITS: dict[str, tuple[str, ...]] = {
+    "double_blocks.{i}.img_attn.qkv.{p}": tuple(f"transformer_blocks.{{i}}.attn.to_{n}.{{p}}" for n in "qkv"),
+    "double_blocks.{i}.txt_attn.qkv.{p}": tuple(f"transformer_blocks.{{i}}.attn.add_{n}_proj.{{p}}" for n in "qkv"),
+    "single_blocks.{i}.linear1.{p}": (
+        *(f"single_transformer_blocks.{{i}}.attn.to_{n}.{{p}}" for n in "qkv"),
+        "single_transformer_blocks.{i}.proj_mlp.{p}",
+    ),
+}
+
+# BFL's final modulation rows are (shift, scale); diffusers' AdaLayerNormContinuous reads (scale, shift).
+BFL_SWAPPED_HALVES: dict[str, str] = {"final_layer.adaLN_modulation.1.{p}": "norm_out.linear.{p}"}
+
+# ComfyUI saves the same tensors under this prefix.
+BFL_PREFIX = "model.diffusion_model."
+
+
+def is_bfl_flux(keys) -> bool:
+    """Whether state-dict key names are Black Forest Labs' FLUX layout (read from a safetensors header)."""
+    keys = {k.removeprefix(BFL_PREFIX) for k in keys}
+    return "img_in.weight" in keys and any(k.startswith("double_blocks.") for k in keys)
+
+
+def bfl_config(keys, base: dict[str, Any]) -> dict[str, Any]:
+    """`base` (FLUX.1-dev's config) with the block counts and the guidance embedder a BFL checkpoint's keys show."""
+    keys = {k.removeprefix(BFL_PREFIX) for k in keys}
+    count = lambda prefix: len({k.split(".")[1] for k in keys if k.startswith(prefix)})
+    return {
+        **base,
+        "num_layers": count("double_blocks."),
+        "num_single_layers": count("single_blocks."),
+        "guidance_embeds": "guidance_in.in_layer.weight" in keys,
+    }
+
+
+def _bfl_entries(shapes: dict[str, torch.Size], config) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """BFL key → (copy | split | swap, diffusers keys) for this config, skipping targets the model lacks."""
+    blocks = {"double_blocks": config["num_layers"], "single_blocks": config["num_single_layers"]}
+    entries = {}
+    for kind, table in (("copy", BFL_TO_DIFFUSERS), ("split", BFL_SPLITS), ("swap", BFL_SWAPPED_HALVES)):
+        for source, targets in table.items():
+            targets = (targets,) if isinstance(targets, str) else targets
+            layers = range(blocks[source.split(".")[0]]) if "{i}" in source else [None]
+            params = ("weight", "bias") if "{p}" in source else [None]
+            for i in layers:
+                for p in params:
+                    names = tuple(t.format(i=i, p=p) for t in targets)
+                    if all(n in shapes for n in names):
+                        entries[source.format(i=i, p=p)] = (kind, names)
+    return entries
+
+
+def convert_bfl_flux_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A BFL-layout state dict → `model`'s (a FluxTransformer2DModel) state dict; every key and shape checked.
+
+    Works on meta tensors too: a dry run checks a checkpoint's header this way.
+    """
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = {k.removeprefix(BFL_PREFIX): v for k, v in state.items()}
+    entries = _bfl_entries(shapes, model.config)
+    unknown = sorted(set(state) - set(entries))
+    if unknown:
+        more = f" (+{len(unknown) - 1} more)" if unknown[1:] else ""
+        raise IntegrityError(f"unknown key {unknown[0]!r}{more} for this FLUX config (model.config sets it)")
+    missing = [k for k in entries if k not in state]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if missing[1:] else ""
+        raise IntegrityError(f"the BFL FLUX checkpoint lacks {missing[0]!r}{more}")
+    out: dict[str, torch.Tensor] = {}
+    for source, (kind, targets) in entries.items():
+        tensor = state[source]
+        if kind == "split":
+            rows = [shapes[t][0] for t in targets]
+            expected = (sum(rows), *shapes[targets[0]][1:])
+            if tuple(tensor.shape) != expected:
+                raise IntegrityError(f"{source!r}: shape {tuple(tensor.shape)}, expected {expected} to split {rows}")
+            parts = tensor.split(rows, dim=0)
+        elif kind == "swap":
+            shift, scale = tensor.chunk(2, dim=0)
+            parts = (torch.cat([scale, shift], dim=0),)
+        else:
+            parts = (tensor,)
+        for target, part in zip(targets, parts, strict=True):
+            if part.shape != shapes[target]:
+                raise IntegrityError(
+                    f"{source!r} → {target!r}: shape {tuple(part.shape)}, the model expects {tuple(shapes[target])}"
+                )
+            out[target] = part
+    unfilled = [k for k in shapes if k not in out]
+    if unfilled:
+        raise IntegrityError(f"diffusers key {unfilled[0]!r} has no source in the BFL FLUX checkpoint")
+    return out
+
+
+def load_bfl_flux(header: dict[str, list[int]], config: dict[str, Any], read, meta: bool = False) -> nn.Module:
+    """A FluxTransformer2DModel from a BFL-layout checkpoint: `header` maps its keys to shapes, `read()` loads it.
+
+    The model is built without weights and the keys and shapes are checked from the header alone (all a dry run
+    does); then `read()` loads the tensors, which are converted and assigned in the model's dtype.
+    """
+    from dit_graft.loading import build_from_config
+
+    with init_empty_weights(include_buffers=meta):
+        model = build_from_config(config)
+    convert_bfl_flux_state_dict({k: torch.empty(s, device="meta") for k, s in header.items()}, model)
+    if meta:
+        return model.eval()
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    converted = convert_bfl_flux_state_dict(read(), model)
+    model.load_state_dict({k: v.to(dtypes[k]) for k, v in converted.items()}, strict=True, assign=True)
+    return model.eval()
 
 
 FLUX = FAMILIES.register("flux")(

@@ -44,6 +44,16 @@ class TokenGrid:
             raise ValueError(f"cannot infer a token grid for {n} tokens (no grid recorded, not square)")
         return side, side
 
+    def call_tokens(self, hidden_states, encoder_hidden_states, attention_mask) -> tuple[int, int] | None:
+        """(N, T) of one attention call at a site on this grid: N image tokens, T text tokens in the same sequence.
+
+        Plain self-attention on (B, N, C) tokens is (N, 0); a call with a context (cross-attention) or a mask is
+        None: no FLOP formula describes it. Grids of joint text-image sequences (FLUX) override this.
+        """
+        if hidden_states.ndim != 3 or encoder_hidden_states is not None or attention_mask is not None:
+            return None
+        return hidden_states.shape[1], 0
+
 
 @dataclass
 class Site:
@@ -72,6 +82,14 @@ class Operator:
     that the two add up: 2 FLOPs per multiply-add, matmuls and convolutions only (no softmax, no
     elementwise products, no bias adds); the Attention's q/k/v/out projections are excluded (no
     processor changes them; FlopCounterMode measures them), the operator's own layers included.
+
+    These formulas are dit-graft's one FLOP-correction mechanism (`attention_core_flops`): a cost
+    report measures a model with FlopCounterMode and replaces each attention site's core by its
+    formula. Formulas were kept over corrections that processors accumulate while running (the other
+    mechanism there was): they are pure functions of shapes and options, so they also serve where
+    nothing runs (`dit-graft operators`, the benchmarks' ratios), they are tested against
+    FlopCounterMode on the dense PyTorch paths, and a processor's forward keeps no counting state.
+    FLUX's joint processors compose theirs from these (`text_attention.clear_flops`).
     """
 
     name: str
@@ -114,6 +132,30 @@ def installed_operator(module: Any) -> tuple[Operator, Options] | None:
     if tag is None:
         return None
     return OPERATORS.get(tag[0]), tag[1]
+
+
+# diffusers' own processors: the teacher's softmax attention (FLUX's over the joint text-image sequence)
+STOCK_SOFTMAX_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FluxAttnProcessor", "FluxAttnProcessor2_0")
+
+
+def attention_core_flops(processor: Any, site: Site, tokens: int, text: int = 0) -> int | None:
+    """The attention core's FLOPs of one call with `tokens` image and `text` text tokens, by formula; None: no formula.
+
+    The processor's own `core_flops(site, tokens, text)` (FLUX's joint processors), else the formula of the
+    operator that built it (`Operator.flops`, self-attention only), else softmax's for diffusers' own processors
+    over the whole sequence. Where this is None, a cost report keeps FlopCounterMode's measurement.
+    """
+    own = getattr(processor, "core_flops", None)
+    if callable(own):
+        return own(site, tokens, text)
+    if type(processor).__name__ in STOCK_SOFTMAX_PROCESSORS:
+        softmax = OPERATORS.get("softmax")
+        return softmax.flops(site, tokens + text, softmax.parse_options({}))
+    found = installed_operator(processor)
+    if found is None or found[0].flops is None or text:
+        return None
+    op, options = found
+    return op.flops(site, tokens, options)
 
 
 def new_parameters(module: nn.Module) -> list[str]:
