@@ -106,12 +106,14 @@ def ddim_sample(
     null: dict[str, torch.Tensor] | None,
     steps: int = 50,
     cfg: float = 1.0,
+    clip: float | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM (η = 0) with classifier-free guidance on the eps channels.
 
     `model_fn(x, t, c)` returns the raw model output for a batch of conditions c (a dict of tensors, one
-    row per sample); `null` holds the null condition of every row, needed when cfg ≠ 1. Images come back
-    clipped to [-1, 1].
+    row per sample); `null` holds the null condition of every row, needed when cfg ≠ 1. With `clip`, the
+    predicted x0 and the samples are clipped to [-clip, clip] (pixel-space models, whose data lie in
+    [-1, 1]); latents are left unclipped, as their range is the VAE's, not [-1, 1].
     """
     x = noise
     ab = schedule.alphas_cumprod.to(noise.device)
@@ -128,10 +130,12 @@ def ddim_sample(
             eps = model_fn(x, tt, cond)[:, :c]
         a_t = ab[t].to(x.dtype)
         a_prev = (ab[ts[i + 1]] if i + 1 < len(ts) else ab.new_tensor(1.0)).to(x.dtype)
-        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+            eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x.clamp(-1, 1)
+    return x.clamp(-clip, clip) if clip is not None else x
 
 
 def flow_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:

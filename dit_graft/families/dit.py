@@ -86,7 +86,8 @@ def _sample(
     """DDIM (η = 0) on the eps channels, with classifier-free guidance through the null class."""
     fn = lambda x, t, c: model(hidden_states=x, timestep=t, class_labels=c["class_labels"]).sample
     uncond = expand_null(null or _null_conditions(model), cond)
-    return ddim_sample(fn, Schedule.linear(), noise, cond, uncond, steps=steps, cfg=cfg)
+    clip = 1.0 if vae_scale(model) == 1 else None  # pixel-space data lie in [-1, 1]; latents do not
+    return ddim_sample(fn, Schedule.linear(), noise, cond, uncond, steps=steps, cfg=cfg, clip=clip)
 
 
 def _conditions(model: nn.Module, n: int, source: str | None = None) -> Conditions:
