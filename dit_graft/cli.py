@@ -403,6 +403,7 @@ def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
                 cfg,
                 work_dir,
                 resume=resume,
+                graft_plan=graft_plan,
                 progress=lambda done, total, loss=None: (pool_report if loss is None else train_report)(
                     done, total, loss
                 ),

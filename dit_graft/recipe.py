@@ -63,7 +63,7 @@ class GraftEdit(Strict):
     or single (the single-stream blocks `single_transformer_blocks.{i}`: attention only, their MLP is fused
     into `proj_out`). Omitted: the family's first group.
 
-    `site: depth` edits change the block list itself (`op: prune_depth`); `layers` is not used there.
+    `site: depth` edits change the block list itself (`prune_depth`, `parallel_blocks`); `layers` is not used there.
     Later edits number layers in the pruned model. `layers: {auto: {fraction: 0.5}}` lets the teacher
     choose (see `AutoLayers`; `dit-graft plan` shows the choice).
     """
@@ -267,7 +267,7 @@ def validate(data: Any, source: str = "<recipe>", lines: dict[tuple, int] | None
         if edit.site == "depth" and edit.layers != "all":
             raise RecipeError(
                 f"{_where(source, lines, ('graft', i, 'layers'))}: graft.{i}.layers: a depth edit chooses its blocks "
-                "itself (options.keep); remove layers"
+                "itself (from its options); remove layers"
             )
         try:
             edit.options = op.parse_options(edit.options).model_dump()
