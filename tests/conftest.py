@@ -40,6 +40,16 @@ def tiny_dit(seed: int = 0, **overrides) -> DiTTransformer2DModel:
     return model.eval()
 
 
+def tiny_dit_inputs(batch: int = 2, seed: int = 1) -> dict:
+    """Seeded forward kwargs for `tiny_dit()` (8x8 single-channel images, 4 classes)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, 1, 8, 8, generator=g),
+        timestep=torch.randint(0, 1000, (batch,), generator=g),
+        class_labels=torch.randint(0, 4, (batch,), generator=g),
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_dit_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-dit"

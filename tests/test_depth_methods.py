@@ -17,18 +17,10 @@ from dit_graft.operators.parallel_blocks import ParallelBlocks
 from dit_graft.plan import GraftPlan, apply, depth_spans, plan
 from dit_graft.recipe import validate
 from tests.conftest import tiny_dit, tiny_recipe
+from tests.conftest import tiny_dit_inputs as _inputs
 from tests.test_cli import run_cli
 
 LEARN_FAST = {"method": "learnable", "search_steps": 30, "calibration_samples": 4}
-
-
-def _inputs(batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, 1, 8, 8, generator=g),
-        timestep=torch.randint(0, 1000, (batch,), generator=g),
-        class_labels=torch.randint(0, 4, (batch,), generator=g),
-    )
 
 
 def _recipe(*graft):

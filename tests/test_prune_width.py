@@ -18,6 +18,7 @@ from dit_graft.operators import OPERATORS
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
 from tests.conftest import TINY_DIT, tiny_dit, tiny_recipe
+from tests.conftest import tiny_dit_inputs as _inputs
 from tests.test_cli import run_cli
 from tests.test_families import tiny_flux
 
@@ -28,15 +29,6 @@ PRUNE = OPERATORS.get("prune_width")
 def _recipe(options, layers="all"):
     graft = [{"site": "mlp", "layers": layers, "op": "prune_width", "options": options}]
     return validate({"model": {"source": "unused"}, "graft": graft, "distill": {"steps": 0}})
-
-
-def _inputs(batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, 1, 8, 8, generator=g),
-        timestep=torch.randint(0, 1000, (batch,), generator=g),
-        class_labels=torch.randint(0, 4, (batch,), generator=g),
-    )
 
 
 @pytest.mark.parametrize("importance", ["magnitude", "taylor"])

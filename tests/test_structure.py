@@ -19,18 +19,10 @@ from dit_graft.operators import OPERATORS
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
 from tests.conftest import tiny_dit, tiny_recipe
+from tests.conftest import tiny_dit_inputs as _inputs
 from tests.test_cli import run_cli
 
 TEACHER = tiny_dit()  # read-only: every test grafts a copy
-
-
-def _inputs(batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=torch.randn(batch, 1, 8, 8, generator=g),
-        timestep=torch.randint(0, 1000, (batch,), generator=g),
-        class_labels=torch.randint(0, 4, (batch,), generator=g),
-    )
 
 
 def _recipe(graft, tmp_path="."):
