@@ -162,7 +162,7 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
     )
     table = Table(title="graft plan", show_lines=False, caption=caption if formula else None)
     for col in ("edit", "module", "old → new", "attn FLOPs before", "after"):
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, no_wrap=col != "old → new")  # a depth edit's line (dropped blocks) may wrap
 
     def cell(cost: dict, path: str) -> str:
         flops = cost["attention_flops"].get(path)
@@ -174,7 +174,8 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
         if e.layer_map is not None:
             from dit_graft.plan import describe_depth
 
-            table.add_row(str(e.index), "blocks", describe_depth(e), "-", "-")
+            blocks = "blocks" if e.group in (None, "blocks") else f"{e.group} blocks"  # FLUX: double | single
+            table.add_row(str(e.index), blocks, describe_depth(e), "-", "-")
         for m in e.modules:
             table.add_row(str(e.index), m.path, f"{m.old} → {m.new}", cell(before, m.path), cell(after, m.path))
     out_console.print(table)

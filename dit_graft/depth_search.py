@@ -1,13 +1,15 @@
 """TinyFusion's learnable depth search (Fang et al. 2024), behind `prune_depth`'s `method: learnable`.
 
-The blocks fall into consecutive groups of M; each group keeps N of its M blocks. Every group has a
+The blocks of one block group (DiT `blocks`, PixArt `self`, FLUX `double` or `single`) fall into
+consecutive groups of M; each group keeps N of its M blocks. Every group has a
 categorical distribution (learnable logits, zero at the start) over its C(M, N) N:M masks — only those
 that keep the family's pinned blocks. Each search step draws one mask per group with a straight-through
 Gumbel-softmax (hard one-hot forward, soft gradient; temperature annealed exponentially from `tau` to
 `tau_end`), runs a copy of the teacher in which every masked-out block is skipped (out = x; the kept
 ones pass their residual update through the mask weight, out = x + m·(block(x) − x), so that the
-logits get gradients), and lowers the MSE of its output to the full teacher's output on seeded
-random calibration inputs. LoRA adapters (peft) on the blocks' attention and FFN linear layers train
+logits get gradients; for blocks with several residual streams (FLUX: text, image) on each stream, in
+the block's own output format), and lowers the MSE of its output to the full teacher's output on seeded
+random calibration inputs. LoRA adapters (peft) on the block group's attention and FFN linear layers train
 jointly with the logits: they simulate the recovery that fine-tuning brings, so that the search
 prefers masks that are recoverable rather than masks that are merely good right after pruning.
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dit_graft.operators.depth import block_input, block_output, calibration_inputs
+from dit_graft.operators.depth import BlockGroup, Streams, calibration_inputs, calibration_latent
 
 
 def candidate_masks(num_blocks: int, group_size: int, keep_per_group: int, pinned: tuple[int, ...]):
@@ -44,21 +46,35 @@ def candidate_masks(num_blocks: int, group_size: int, keep_per_group: int, pinne
     return groups
 
 
-def lora_targets(model: nn.Module, family: Any) -> list[str]:
-    """Names of the linear layers inside the model's attention and MLP sites."""
+def lora_targets(model: nn.Module, family: Any, block_group: BlockGroup) -> list[str]:
+    """Names of the linear layers inside the attention and MLP sites of `block_group`'s blocks."""
     names = []
     for site in family.sites(model):
+        if not block_group.owns(site.path):
+            continue
         for name, module in model.get_submodule(site.path).named_modules():
             if isinstance(module, nn.Linear):
                 names.append(f"{site.path}.{name}")
     return names
 
 
-def learnable_search(model: nn.Module, family: Any, options: Any, candidates: list[list[tuple[int, ...]]]):
-    """Runs the search; returns the kept blocks (ascending) and each block's keep probability under the final logits."""
-    blocks = family.blocks(model)
+def gated_block_output(streams: Streams, block: nn.Module, args: tuple, kwargs: dict, out: Any, weight: torch.Tensor):
+    """`block`'s output with each residual update scaled by `weight`: x + w·(out − x) per stream, in its own format.
+
+    Where `weight` is 0 the block returns its inputs unchanged (exactly: x + 0)."""
+    ins, outs = streams.inputs(block, args, kwargs), streams.outputs(out)
+    return streams.pack(tuple(x + weight.to(y.dtype) * (y - x) for x, y in zip(ins, outs, strict=True)))
+
+
+def learnable_search(
+    model: nn.Module, family: Any, block_group: BlockGroup, options: Any, candidates: list[list[tuple[int, ...]]]
+):
+    """Runs the search on `block_group`'s blocks; returns the kept blocks (ascending) and each block's keep probability
+    under the final logits."""
+    blocks = block_group.blocks(model)
     device = next(model.parameters()).device
-    x, t, cond = calibration_inputs(model, family, options.calibration_samples, options.seed)
+    resolution = calibration_latent(model, family, options.calibration_resolution)
+    x, t, cond = calibration_inputs(model, family, options.calibration_samples, options.seed, resolution)
     gen = torch.Generator().manual_seed(options.seed + 1)  # Gumbel noise, apart from the calibration draws
     was_training = model.training
     model.eval()
@@ -69,7 +85,7 @@ def learnable_search(model: nn.Module, family: Any, options: Any, candidates: li
     finally:
         model.train(was_training)
     student.requires_grad_(False)
-    lora = _add_lora(student, family, options, device)
+    lora = _add_lora(student, family, block_group, options, device)
 
     # masks[g]: (candidates of group g, blocks of the model), 1 where that candidate keeps the block
     masks = [torch.zeros(len(c), len(blocks), device=device) for c in candidates]
@@ -81,17 +97,15 @@ def learnable_search(model: nn.Module, family: Any, options: Any, candidates: li
 
     def gate(i):
         def hook(module, args, kwargs, out):
-            h_in, h_out = block_input(args, kwargs), block_output(out)
-            mixed = h_in + weight[i].to(h_out.dtype) * (h_out - h_in)
-            return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
+            return gated_block_output(block_group.streams, module, args, kwargs, out, weight[i])
 
         return hook
 
-    groups = [{"params": logits, "lr": options.mask_lr}]
+    param_groups = [{"params": logits, "lr": options.mask_lr}]
     if lora:
-        groups.append({"params": lora, "lr": options.lr})
-    optimizer = torch.optim.Adam(groups)
-    handles = [b.register_forward_hook(gate(i), with_kwargs=True) for i, b in enumerate(family.blocks(student))]
+        param_groups.append({"params": lora, "lr": options.lr})
+    optimizer = torch.optim.Adam(param_groups)
+    handles = [b.register_forward_hook(gate(i), with_kwargs=True) for i, b in enumerate(block_group.blocks(student))]
     try:
         for step in range(options.search_steps):
             tau = options.tau * (options.tau_end / options.tau) ** (step / max(options.search_steps - 1, 1))
@@ -121,13 +135,13 @@ def _straight_through(logits: torch.Tensor, tau: float, gen: torch.Generator) ->
     return hard - soft.detach() + soft
 
 
-def _add_lora(student: nn.Module, family: Any, options: Any, device: torch.device) -> list[torch.Tensor]:
-    """Adds LoRA (rank `lora_rank`, scale 1) to the student's attention/FFN linears; returns the LoRA weights."""
+def _add_lora(student: nn.Module, family: Any, block_group: BlockGroup, options: Any, device: torch.device):
+    """Adds LoRA (rank `lora_rank`, scale 1) to the block group's attention/FFN linears; returns the LoRA weights."""
     if options.lora_rank == 0:
         return []
     from peft import LoraConfig, inject_adapter_in_model
 
-    targets = lora_targets(student, family)
+    targets = lora_targets(student, family, block_group)
     config = LoraConfig(r=options.lora_rank, lora_alpha=options.lora_rank, lora_dropout=0.0, target_modules=targets)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -217,15 +217,18 @@ class _BlockOutputs:
 
 
 def feature_blocks(teacher: nn.Module, graft_plan: GraftPlan | None) -> list[nn.Module]:
-    """The teacher blocks whose outputs the student's blocks match, in order (depth edits: each span's last)."""
+    """The teacher blocks whose outputs the student's blocks (`family.blocks(student)`) match, in order.
+
+    After depth edits, each student block of a block group is matched with the last teacher block of the
+    span it stands for in that group (FLUX: the double blocks, then the single blocks).
+    """
     family = family_for(teacher)
-    blocks = family.blocks(teacher)
     if graft_plan is None or not any(e.layer_map is not None for e in graft_plan.edits):
-        return blocks
+        return family.blocks(teacher)
     from dit_graft.stage1 import block_origins
 
-    n = family.num_layers(teacher)
-    return [blocks[last] for _, last in block_origins(graft_plan, n)] + blocks[n:]
+    origins = block_origins(teacher, graft_plan)
+    return [g.blocks(teacher)[last] for g in family.depth_groups for _, last in origins[g.name]]
 
 
 def lr_lambda(cfg: DistillSection):

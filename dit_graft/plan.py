@@ -19,7 +19,7 @@ from dit_graft.errors import RecipeError
 from dit_graft.families import Family, family_for
 from dit_graft.families.base import UnsupportedOperator
 from dit_graft.operators import OPERATORS
-from dit_graft.operators.depth import check_spans, spans_from_kept
+from dit_graft.operators.depth import BlockGroup, check_spans, spans_from_kept
 from dit_graft.recipe import GraftEdit, Recipe
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
@@ -40,7 +40,7 @@ class PlannedEdit(BaseModel):
 
     index: int
     site: str
-    group: str | None = None
+    group: str | None = None  # as the recipe gave it; depth edits: the block group they rewrite (None: the first)
     op: str
     options: dict[str, Any]
     layers: list[int]
@@ -66,21 +66,22 @@ class GraftPlan(BaseModel):
         """The final operator of every touched module (later edits win), at its path in the final model."""
         from dit_graft.families import FAMILIES
 
-        first = FAMILIES.get(self.family).groups[0] if self.family in FAMILIES else None
-        out: dict[str, tuple[str | None, int, str]] = {}  # path → (group, layer, operator)
+        family = FAMILIES.get(self.family)
+        out: dict[str, tuple[int, str]] = {}  # path → (layer, operator)
         for e in self.edits:
-            if e.layer_map is not None:  # a depth edit renumbers the first group's blocks (drops, merges)
+            if e.layer_map is not None:  # a depth edit renumbers its group's blocks (drops, merges)
+                group = family.depth_group(e.group)
                 move = OPERATORS.get(e.op).structure.move_path
                 moved = {}
-                for path, (group, layer, op) in out.items():
-                    if (group or first) != first:
-                        moved[path] = (group, layer, op)
+                for path, (layer, op) in out.items():
+                    if not group.owns(path):
+                        moved[path] = (layer, op)
                     elif (new_path := move(path, layer, e)) is not None:
-                        moved[new_path] = (group, e.layer_map[layer], op)
+                        moved[new_path] = (e.layer_map[layer], op)
                 out = moved
             for m in e.modules:
-                out[m.path] = (e.group, m.layer, m.new)
-        return {path: op for path, (_, _, op) in out.items()}
+                out[m.path] = (m.layer, m.new)
+        return {path: op for path, (_, op) in out.items()}
 
 
 def depth_spans(edit: PlannedEdit) -> list[list[int]]:
@@ -184,16 +185,18 @@ def _plan_depth(model: nn.Module, family: Family, index: int, edit: GraftEdit) -
 
     The view shares every block and weight with `model`; only its block list and config differ. A
     planner that scores blocks runs the model forward, so it needs real weights; on the meta device
-    it plans unscored (`scores: None`), which is all a dry run's costs depend on.
+    it plans unscored (`scores: None`), which is all a dry run's costs depend on. The planned edit
+    records the block group it rewrites (`group`), resolved when the recipe left it out.
     """
-    if family.keep_blocks is None:
+    if not family.depth_groups:
         raise RecipeError(f"graft.{index}.site: the {family.name} family does not support depth edits yet")
+    group = _depth_group(family, index, edit.group)
     op = OPERATORS.get(edit.op)
-    choice = op.structure.plan(model, family, op.parse_options(edit.options), f"graft.{index}.options")
+    choice = op.structure.plan(model, family, group, op.parse_options(edit.options), f"graft.{index}.options")
     planned = PlannedEdit(
         index=index,
         site=edit.site,
-        group=edit.group,
+        group=group.name,
         op=edit.op,
         options=edit.options,
         layers=choice.layers,
@@ -203,11 +206,19 @@ def _plan_depth(model: nn.Module, family: Family, index: int, edit: GraftEdit) -
         scores=choice.scores,
         spans=choice.spans,
     )
-    _check_depth_edit(planned, family.num_layers(model))
+    _check_depth_edit(planned, group.num_blocks(model))
     view = copy.copy(model)
     view._modules = dict(model._modules)
-    op.structure.apply(view, family, planned)
+    op.structure.apply(view, family, group, planned)
     return planned, view
+
+
+def _depth_group(family: Family, index: int, name: str | None) -> BlockGroup:
+    """The block group a depth edit rewrites (a RecipeError naming the valid ones for any other)."""
+    try:
+        return family.depth_group(name)
+    except ValueError as e:
+        raise RecipeError(f"graft.{index}.group: {e}") from None
 
 
 def _carry_operators(current: dict[str, str], before: nn.Module, sites_before, after: nn.Module, sites_after):
@@ -274,7 +285,8 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
         if edit.site == "depth":
             _swap(student, family, segment)
             segment = []
-            OPERATORS.get(edit.op).structure.apply(student, family, edit)
+            group = family.depth_group(edit.group)
+            OPERATORS.get(edit.op).structure.apply(student, family, group, edit)
         else:
             segment.append(edit)
     _swap(student, family, segment)
@@ -282,14 +294,15 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
 
 
 def _check_depth_edits(model: nn.Module, family: Family, graft_plan: GraftPlan) -> None:
-    """Checks every depth edit against the block count it meets, before anything is changed."""
-    n = family.num_layers(model)
+    """Checks every depth edit against the block count it meets in its group, before anything is changed."""
+    counts = {g.name: g.num_blocks(model) for g in family.depth_groups}
     for edit in graft_plan.edits:
         if edit.site != "depth":
             continue
-        if family.keep_blocks is None:
+        if not family.depth_groups:
             raise RecipeError(f"graft.{edit.index}: the {family.name} family does not support depth edits yet")
-        n = _check_depth_edit(edit, n)
+        group = _depth_group(family, edit.index, edit.group)
+        counts[group.name] = _check_depth_edit(edit, counts[group.name])
 
 
 def _check_depth_edit(edit: PlannedEdit, num_blocks: int) -> int:

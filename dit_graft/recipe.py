@@ -64,8 +64,9 @@ class GraftEdit(Strict):
     into `proj_out`). Omitted: the family's first group.
 
     `site: depth` edits change the block list itself (`prune_depth`, `parallel_blocks`); `layers` is not used there.
-    Later edits number layers in the pruned model. `layers: {auto: {fraction: 0.5}}` lets the teacher
-    choose (see `AutoLayers`; `dit-graft plan` shows the choice).
+    Their `group` is the block list they rewrite: dit blocks, pixart self (the blocks, cross-attention
+    included), flux double or single. Later edits number layers in the pruned model.
+    `layers: {auto: {fraction: 0.5}}` lets the teacher choose (see `AutoLayers`; `dit-graft plan` shows the choice).
     """
 
     site: Literal["attention", "mlp", "depth"]

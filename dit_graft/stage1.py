@@ -63,51 +63,51 @@ def _at(prefix: list[str], layer: int, suffix: list[str]) -> str:
 def targets(teacher: nn.Module, student: nn.Module, graft_plan: GraftPlan) -> list[Target]:
     """The stage-1 targets of a plan applied to `teacher` (giving `student`), in module order.
 
-    Block indices are followed through the edits: `origin[g][i]` is the span (a, b) of teacher blocks
-    that block i of group g currently stands for. A grafted site whose block still stands for exactly
-    one teacher block regresses that block's module; a site inside a merged block is covered by the
-    block's own span target.
+    Block indices are followed through the edits, each depth edit in its own block group (DiT: blocks;
+    PixArt: self; FLUX: double, single; see `block_origins`). A grafted site whose block still stands for
+    exactly one teacher block regresses that block's module; a site inside a merged block is covered by the
+    block's own span target (student block `g.i` ← teacher blocks `g.a` … `g.b`, listed after the sites,
+    group by group).
     """
     family = family_for(teacher)
-    n_first = family.num_layers(teacher)
-    first_group = family.groups[0]
-    origin = {first_group: {i: (i, i) for i in range(n_first)}}
-    sites: dict[tuple[str, str, int, str], None] = {}  # (group, prefix, layer, suffix), insertion-ordered
+    sites: dict[tuple[str, int, str], None] = {}  # (prefix, layer, suffix), insertion-ordered
     for edit in graft_plan.edits:
-        group = edit.group or first_group
         if edit.layer_map is not None:
+            group = family.depth_group(edit.group)
             spans = depth_spans(edit)
-            origin[group] = _merge(origin[group], spans)
-            renumbered: dict[tuple[str, str, int, str], None] = {}
-            for g, prefix, layer, suffix in sites:
-                if g != group:
-                    renumbered[(g, prefix, layer, suffix)] = None
+            renumbered: dict[tuple[str, int, str], None] = {}
+            for prefix, layer, suffix in sites:
+                if prefix != group.attr:  # another group's site: its block keeps its number
+                    renumbered[(prefix, layer, suffix)] = None
                     continue
                 new = edit.layer_map[layer]
                 if new != "dropped" and len(spans[new]) == 1:
-                    renumbered[(g, prefix, new, suffix)] = None
+                    renumbered[(prefix, new, suffix)] = None
             sites = renumbered
             continue
         for m in edit.modules:
             prefix, suffix = _split_at_layer(m.path, m.layer)
-            sites[(group, ".".join(prefix), m.layer, ".".join(suffix))] = None
+            sites[(".".join(prefix), m.layer, ".".join(suffix))] = None
 
+    origin = block_origins(teacher, graft_plan)
+    by_attr = {g.attr: g for g in family.depth_groups}
     out = []
-    spans_now = origin[first_group]
-    merged = {j for j, (a, b) in spans_now.items() if a != b}
-    for g, prefix, layer, suffix in sites:
-        if g == first_group and layer in merged:
-            continue
-        teacher_layer = spans_now[layer][0] if g == first_group else layer
+    for prefix, layer, suffix in sites:
+        teacher_layer = layer
+        if prefix in by_attr:
+            first, last = origin[by_attr[prefix].name][layer]
+            if first != last:
+                continue
+            teacher_layer = first
         p, s = prefix.split("."), suffix.split(".") if suffix else []
         path = _at(p, teacher_layer, s)
         out.append(Target(student=_at(p, layer, s), first=path, last=path))
-    if merged:
-        t_blocks = _block_paths(teacher, family.blocks(teacher)[:n_first])
-        s_blocks = _block_paths(student, family.blocks(student)[: family.num_layers(student)])
-        for j in sorted(merged):
-            a, b = spans_now[j]
-            out.append(Target(student=s_blocks[j], first=t_blocks[a], last=t_blocks[b]))
+    for group in family.depth_groups:
+        for j, (a, b) in enumerate(origin[group.name]):
+            if a != b:
+                out.append(Target(student=group.path(j), first=group.path(a), last=group.path(b)))
+    for tgt in out:  # a plan that does not describe the student fails here, naming the module
+        student.get_submodule(tgt.student)
     return out
 
 
@@ -116,18 +116,16 @@ def _merge(origin: dict[int, tuple[int, int]], spans: list[list[int]]) -> dict[i
     return {j: (origin[span[0]][0], origin[span[-1]][1]) for j, span in enumerate(spans)}
 
 
-def block_origins(graft_plan: GraftPlan, num_layers: int) -> list[tuple[int, int]]:
-    """For each block of the student's first group, the span (first, last) of teacher blocks it stands for."""
-    origin = {i: (i, i) for i in range(num_layers)}
+def block_origins(teacher: nn.Module, graft_plan: GraftPlan) -> dict[str, list[tuple[int, int]]]:
+    """Per block group of the teacher's family, for each student block of the group, the span (first, last)
+    of the group's teacher blocks it stands for (each depth edit merges the spans of its own group)."""
+    family = family_for(teacher)
+    origin = {g.name: {i: (i, i) for i in range(g.num_blocks(teacher))} for g in family.depth_groups}
     for edit in graft_plan.edits:
         if edit.layer_map is not None:
-            origin = _merge(origin, depth_spans(edit))
-    return [origin[j] for j in range(len(origin))]
-
-
-def _block_paths(model: nn.Module, blocks: list[nn.Module]) -> list[str]:
-    names = {id(m): name for name, m in model.named_modules()}
-    return [names[id(b)] for b in blocks]
+            name = family.depth_group(edit.group).name
+            origin[name] = _merge(origin[name], depth_spans(edit))
+    return {name: [o[j] for j in range(len(o))] for name, o in origin.items()}
 
 
 def regression_loss(cfg: ActivationSection, pred: Any, target: Any) -> torch.Tensor:

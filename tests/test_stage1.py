@@ -254,3 +254,32 @@ def test_feature_loss_after_a_depth_edit_matches_each_spans_last_block(tmp_path)
     assert feature_blocks(teacher, None) == list(teacher.transformer_blocks)
     result = distill(teacher, student, recipe.distill, tmp_path, graft_plan=gp)
     assert all(r["feature_mse"] > 0 for r in result.log)
+
+
+def test_flux_targets_and_feature_blocks_follow_a_depth_edit_in_the_single_group():
+    from dit_graft.distill import feature_blocks
+    from tests.test_families import tiny_flux
+
+    teacher = tiny_flux(num_layers=2, num_single_layers=4)
+    recipe = _recipe(
+        [
+            {"site": "attention", "group": "single", "layers": [1, 3], "op": "linear"},
+            {"site": "attention", "group": "double", "layers": [1], "op": "linear"},
+            {"site": "depth", "group": "single", "op": "parallel_blocks", "options": {"pairs": [1]}},
+        ]
+    )
+    gp = plan(teacher, recipe)
+    student = apply(teacher, gp)
+    assert gp.edits[2].group == "single" and gp.edits[2].spans == [[0], [1, 2], [3]]
+    assert targets(teacher, student, gp) == [
+        Target(
+            "single_transformer_blocks.2.attn", "single_transformer_blocks.3.attn", "single_transformer_blocks.3.attn"
+        ),
+        Target("transformer_blocks.1.attn", "transformer_blocks.1.attn", "transformer_blocks.1.attn"),
+        # the pair stands for single blocks 1 and 2 (its grafted attention is covered by the span)
+        Target("single_transformer_blocks.1", "single_transformer_blocks.1", "single_transformer_blocks.2"),
+    ]
+    t_single = list(teacher.single_transformer_blocks)
+    matched = feature_blocks(teacher, gp)
+    assert matched == [*teacher.transformer_blocks, t_single[0], t_single[2], t_single[3]]
+    assert len(matched) == len(family_for(student).blocks(student))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dit_graft.operators.base import Site
+from dit_graft.operators.depth import BlockGroup
 from dit_graft.registry import Registry
 
 Conditions = dict[str, torch.Tensor]
@@ -59,8 +60,10 @@ class Family:
     - `builders(site, op_name)` → the builder for that operator there, `GENERIC` for the operator's own, or
       None where the family does not support it (or it raises UnsupportedOperator saying why it never will);
       the field None means every operator, generically
-    - `keep_blocks(model, kept)` → keeps only the blocks `kept`, renumbered, and updates the config (depth
-      edits; None: unsupported); `pinned_blocks` are blocks no depth edit may drop
+    - `depth_groups`: the block lists depth edits rewrite (`dit_graft.operators.depth.BlockGroup`: the
+      model attribute, the config key counting it, the blocks' residual streams, the pinned blocks), the
+      first one being what a depth edit without `group:` addresses; empty: no depth edits. `blocks(model)`
+      is these groups' blocks, in this order
     """
 
     name: str
@@ -71,7 +74,7 @@ class Family:
     example_inputs: Any
     forward: Any
     num_layers: Any
-    blocks: Any  # (model) -> list of the transformer blocks, in order
+    blocks: Any  # (model) -> list of the transformer blocks, in order (the depth groups', one after the other)
     sample: Any  # (model, noise, cond, steps, cfg) -> samples
     conditions: Any  # (model, n, source=None) -> Conditions
     null_conditions: Any  # (model, source=None) -> Conditions (one row) | None
@@ -80,8 +83,19 @@ class Family:
     vae_scale: Any  # (model) -> int
     groups: tuple[str, ...] = ("blocks",)
     builders: Any = None
-    keep_blocks: Any = None  # (model, kept) -> None: keeps those blocks of the first group, updates the config
-    pinned_blocks: tuple[int, ...] = ()  # blocks a depth edit must keep
+    depth_groups: tuple[BlockGroup, ...] = ()
+
+    def depth_group(self, name: str | None) -> BlockGroup:
+        """The block group a depth edit with `group: name` rewrites (None: the first); ValueError names the others."""
+        if not self.depth_groups:
+            raise ValueError(f"the {self.name} family does not support depth edits")
+        if name is None:
+            return self.depth_groups[0]
+        for group in self.depth_groups:
+            if group.name == name:
+                return group
+        valid = ", ".join(g.name for g in self.depth_groups)
+        raise ValueError(f"depth edits on the {self.name} family act on block group(s) {valid}, not {name!r}")
 
     def site_map(self, model: nn.Module) -> dict[str, Site]:
         return {s.path: s for s in self.sites(model)}
@@ -113,6 +127,14 @@ class Family:
 
 
 FAMILIES: Registry[Family] = Registry("family")
+
+
+def block_paths(block: nn.Module, path: str) -> list[str]:
+    """The paths of the diffusers blocks in `block`: itself, or the branches of a parallel_blocks pair."""
+    branches = getattr(block, "branches", None)
+    if not isinstance(branches, nn.ModuleList):
+        return [path]
+    return [p for j, b in enumerate(branches) for p in block_paths(b, f"{path}.branches.{j}")]
 
 
 def family_for(model: nn.Module) -> Family:

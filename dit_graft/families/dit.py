@@ -9,8 +9,9 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from dit_graft.diffusion import Schedule, ddim_sample
-from dit_graft.families.base import FAMILIES, Conditions, Family, FamilySite, expand_null
+from dit_graft.families.base import FAMILIES, Conditions, Family, FamilySite, block_paths, expand_null
 from dit_graft.operators.base import TokenGrid
+from dit_graft.operators.depth import BlockGroup
 
 
 def freeze_label_dropout(model: nn.Module) -> nn.Module:
@@ -27,18 +28,10 @@ def _sites(model: nn.Module) -> list[FamilySite]:
     dim = cfg.num_attention_heads * cfg.attention_head_dim
     sites = []
     for i, block in enumerate(model.transformer_blocks):
-        for path in _block_paths(block, f"transformer_blocks.{i}"):
+        for path in block_paths(block, f"transformer_blocks.{i}"):
             sites.append(FamilySite(f"{path}.attn1", "attention", i, dim, cfg.num_attention_heads, grid))
             sites.append(FamilySite(f"{path}.ff", "mlp", i, dim, None, grid))
     return sites
-
-
-def _block_paths(block: nn.Module, path: str) -> list[str]:
-    """The paths of the diffusers blocks in `block`: itself, or the branches of a parallel_blocks pair (layer i)."""
-    branches = getattr(block, "branches", None)
-    if not isinstance(branches, nn.ModuleList):
-        return [path]
-    return [p for j, b in enumerate(branches) for p in _block_paths(b, f"{path}.branches.{j}")]
 
 
 def install_image_grid(model: nn.Module) -> TokenGrid:
@@ -108,12 +101,6 @@ def ddpm_noise(model: nn.Module, x0: torch.Tensor, gen: torch.Generator):
     return schedule.q_sample(x0, t, noise), t, noise
 
 
-def _keep_blocks(model: nn.Module, kept: list[int]) -> None:
-    """Keeps the blocks `kept` (renumbered 0 … k−1) and sets the config's num_layers: a stock DiT again."""
-    model.transformer_blocks = nn.ModuleList([model.transformer_blocks[i] for i in kept])
-    model.register_to_config(num_layers=len(kept))
-
-
 def _forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
     return model(hidden_states=x, timestep=t, class_labels=cond["class_labels"]).sample
 
@@ -135,7 +122,7 @@ DIT = FAMILIES.register("dit")(
         noise=ddpm_noise,
         latent_shape=latent_shape,
         vae_scale=vae_scale,
-        keep_blocks=_keep_blocks,
-        pinned_blocks=(0,),  # the output layer reads block 0's label/timestep embedding
+        # the output layer reads block 0's label/timestep embedding (transformer_blocks[0].norm1.emb): pinned
+        depth_groups=(BlockGroup("blocks", "transformer_blocks", "num_layers", pinned=(0,)),),
     )
 )

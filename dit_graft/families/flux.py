@@ -9,10 +9,17 @@ Block groups for recipes:
   `single_transformer_blocks.{i}.attn` over the joint sequence; their MLP is fused into `proj_out`, so there
   is no MLP site.
 
-Layers are numbered within a group. Attention operators are FluxAttention processors acting the CLEAR way
-(operators/text_attention.py): `softmax`, `linear`, `local`, `swa`, `sparse` and `sla` are implemented;
-`gated_conv` is refused at plan time with the reason (no keys: image tokens would lose the text). MLP
-operators apply to `ff` as on DiT.
+Layers are numbered within a group. Depth edits (`site: depth`) rewrite one group's block list: `group:
+double` (the default; config `num_layers`) or `group: single` (`num_single_layers`); no block is pinned (the
+output layer reads only the image stream and the model-level time embedding). FLUX blocks carry two
+residual streams, text and image, and return them as (text, image): block importance compares the joint
+sequence [text; image] before and after a block (what the single blocks carry; a double block that only
+turns the text stream still changes every later block's attention), a skipped block returns both streams
+unchanged and a parallel pair sums both streams' residual updates.
+
+Attention operators are FluxAttention processors acting the CLEAR way (operators/text_attention.py):
+`softmax`, `linear`, `local`, `swa`, `sparse` and `sla` are implemented; `gated_conv` is refused at plan
+time with the reason (no keys: image tokens would lose the text). MLP operators apply to `ff` as on DiT.
 
 Samples live in the unpacked latent layout (B, C, H, W) with C = in_channels / 4 (16 for FLUX.1); the
 adapter packs 2×2 latent patches into tokens (B, H/2 · W/2, 4C) around each model call and builds the
@@ -35,17 +42,28 @@ off the checkpoint's keys, which covers FLUX.1-dev and -schnell).
 
 from __future__ import annotations
 
+import inspect
 from functools import lru_cache
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import nn
 
 from dit_graft.diffusion import flow_euler_sample, flow_mu, flow_noise
 from dit_graft.errors import IntegrityError
-from dit_graft.families.base import FAMILIES, GENERIC, Conditions, Family, FamilySite, UnsupportedOperator
+from dit_graft.families.base import (
+    FAMILIES,
+    GENERIC,
+    Conditions,
+    Family,
+    FamilySite,
+    UnsupportedOperator,
+    block_paths,
+)
 from dit_graft.families.text import read_captions, spread, synthetic_captions
+from dit_graft.operators.depth import BlockGroup, Streams
 from dit_graft.operators.text_attention import JOINT_BUILDERS, JOINT_REFUSED, JointGrid
 
 # FLUX.1-dev's defaults: 1024 px images (128×128 latents), 512 T5 tokens, guidance 3.5.
@@ -63,12 +81,13 @@ def _sites(model: nn.Module) -> list[FamilySite]:
     cfg = model.config
     dim, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
     sites = []
-    for i, _ in enumerate(model.transformer_blocks):
-        sites.append(FamilySite(f"transformer_blocks.{i}.attn", "attention", i, dim, heads, grid, group="double"))
-        sites.append(FamilySite(f"transformer_blocks.{i}.ff", "mlp", i, dim, None, grid, group="double"))
-    for i, _ in enumerate(model.single_transformer_blocks):
-        path = f"single_transformer_blocks.{i}.attn"
-        sites.append(FamilySite(path, "attention", i, dim, heads, grid, group="single"))
+    for i, block in enumerate(model.transformer_blocks):
+        for path in block_paths(block, f"transformer_blocks.{i}"):  # a parallel_blocks pair: both branches
+            sites.append(FamilySite(f"{path}.attn", "attention", i, dim, heads, grid, group="double"))
+            sites.append(FamilySite(f"{path}.ff", "mlp", i, dim, None, grid, group="double"))
+    for i, block in enumerate(model.single_transformer_blocks):
+        for path in block_paths(block, f"single_transformer_blocks.{i}"):
+            sites.append(FamilySite(f"{path}.attn", "attention", i, dim, heads, grid, group="single"))
     return sites
 
 
@@ -333,6 +352,12 @@ def load_bfl_flux(header: dict[str, list[int]], config: dict[str, Any], read, me
     return model.eval()
 
 
+# Double blocks take and return (text, image). Single blocks do too in current diffusers; older releases pass
+# them the joint sequence [text; image] and get it back, one stream.
+TEXT_IMAGE = Streams(("encoder_hidden_states", "hidden_states"))
+_SINGLE_ARGS = inspect.signature(FluxSingleTransformerBlock.forward).parameters
+SINGLE_STREAMS = TEXT_IMAGE if "encoder_hidden_states" in _SINGLE_ARGS else Streams()
+
 FLUX = FAMILIES.register("flux")(
     Family(
         name="flux",
@@ -352,5 +377,9 @@ FLUX = FAMILIES.register("flux")(
         vae_scale=lambda model: 8,
         groups=("double", "single"),
         builders=_builders,
+        depth_groups=(
+            BlockGroup("double", "transformer_blocks", "num_layers", TEXT_IMAGE),
+            BlockGroup("single", "single_transformer_blocks", "num_single_layers", SINGLE_STREAMS),
+        ),
     )
 )

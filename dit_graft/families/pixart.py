@@ -9,6 +9,9 @@ tokens, MLP `ff`. Block groups for recipes:
   (`group: cross`). `softmax` and `linear` (over the caption tokens the mask keeps; `dwconv: 0`) are
   implemented there; any other operator is refused at plan time.
 
+Depth edits (`site: depth`) rewrite `transformer_blocks` (config `num_layers`) as the `self` group (the
+default; `cross` names sites of the same blocks, not a block list of its own); no block is pinned.
+
 Objective and sampler as DiT (eps + learned σ on the 1000-step linear schedule, DDIM, classifier-free
 guidance through the empty caption); conditions are (prompt_embeds, prompt_attention_mask) rows, from a
 cached embeddings file or the synthetic set (see families/text.py).
@@ -23,10 +26,11 @@ import torch
 from torch import nn
 
 from dit_graft.diffusion import Schedule, ddim_sample
-from dit_graft.families.base import FAMILIES, GENERIC, Conditions, Family, FamilySite, expand_null
+from dit_graft.families.base import FAMILIES, GENERIC, Conditions, Family, FamilySite, block_paths, expand_null
 from dit_graft.families.dit import ddpm_noise, install_image_grid
 from dit_graft.families.text import empty_caption, read_captions, spread, synthetic_captions
 from dit_graft.operators.base import TokenGrid
+from dit_graft.operators.depth import BlockGroup
 from dit_graft.operators.text_attention import build_cross_linear
 
 # Caption tokens of the FLOP-count inputs: PixArt-Σ's max_sequence_length (PixArt-α: 120).
@@ -42,10 +46,11 @@ def _sites(model: nn.Module) -> list[FamilySite]:
     cfg = model.config
     dim, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
     sites = []
-    for i, _ in enumerate(model.transformer_blocks):
-        sites.append(FamilySite(f"transformer_blocks.{i}.attn1", "attention", i, dim, heads, grid, group="self"))
-        sites.append(FamilySite(f"transformer_blocks.{i}.ff", "mlp", i, dim, None, grid, group="self"))
-        sites.append(FamilySite(f"transformer_blocks.{i}.attn2", "attention", i, dim, heads, grid, group="cross"))
+    for i, block in enumerate(model.transformer_blocks):
+        for path in block_paths(block, f"transformer_blocks.{i}"):  # a parallel_blocks pair: both branches
+            sites.append(FamilySite(f"{path}.attn1", "attention", i, dim, heads, grid, group="self"))
+            sites.append(FamilySite(f"{path}.ff", "mlp", i, dim, None, grid, group="self"))
+            sites.append(FamilySite(f"{path}.attn2", "attention", i, dim, heads, grid, group="cross"))
     return sites
 
 
@@ -140,5 +145,9 @@ PIXART = FAMILIES.register("pixart")(
         vae_scale=lambda model: 8,
         groups=("self", "cross"),
         builders=_builders,
+        # Nothing is pinned: unlike DiT's output layer (which reads block 0's norm1.emb), PixArt's reads only
+        # model-level modules (adaln_single's embedded timestep, scale_shift_table, norm_out, proj_out), and
+        # every block carries its own adaLN-single table, so any block may be dropped or paired.
+        depth_groups=(BlockGroup("self", "transformer_blocks", "num_layers"),),
     )
 )

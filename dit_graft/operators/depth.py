@@ -14,10 +14,17 @@ The recorded contract (old = block index before the edit, new = after it), for e
 - `layer_map[old]` is the new block that carries old block `old`'s weights, or `"dropped"` when
   they are gone; a carried block always lies in the span of its new block;
 - `kept` (block-dropping edits only) lists the old blocks that survive as whole blocks, ascending.
+
+Block indices count within one `BlockGroup`, the family's list of blocks the edit rewrites (DiT: `blocks`;
+PixArt: `self`; FLUX: `double` or `single`); the other groups' blocks and paths are untouched. A group's
+`Streams` say which residual streams its blocks update and in which format they return them, so that
+scoring, skipping and summing blocks works the same on a DiT block (one tensor) and a FLUX block
+(`(text, image)`).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +34,71 @@ from torch import nn
 DROPPED = "dropped"
 
 LayerMap = dict[int, int | Literal["dropped"]]
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The residual streams a group's blocks update: the forward arguments that carry them in, named in the
+    order the block returns them (one name: the block returns that tensor; several: a tuple of them).
+
+    DiT and PixArt blocks: `("hidden_states",)`; FLUX blocks: `("encoder_hidden_states", "hidden_states")`,
+    returned as (text, image). Every stream is (B, tokens, C).
+    """
+
+    names: tuple[str, ...] = ("hidden_states",)
+
+    def inputs(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+        """The streams `block` was called with (a hook's args/kwargs), in output order."""
+        if args:  # positional: named by the signature of the diffusers block (a pair's: its first branch's)
+            while isinstance(getattr(block, "branches", None), nn.ModuleList):
+                block = block.branches[0]
+            kwargs = inspect.signature(block.forward).bind_partial(*args, **kwargs).arguments
+        return tuple(kwargs[n] for n in self.names)
+
+    def outputs(self, out: Any) -> tuple[torch.Tensor, ...]:
+        """The streams a block returned, in order."""
+        return (out,) if len(self.names) == 1 else tuple(out)
+
+    def pack(self, streams: tuple[torch.Tensor, ...]) -> Any:
+        """Streams in the block's own output format."""
+        return streams[0] if len(self.names) == 1 else tuple(streams)
+
+    def joined(self, streams: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The streams as one token sequence (B, Σ tokens, C), text before image as FLUX joins them."""
+        return streams[0] if len(streams) == 1 else torch.cat(streams, dim=1)
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A list of blocks that depth edits rewrite: `model.<attr>`, counted by the config's `config_key`.
+
+    `pinned` are blocks no depth edit may drop (the model reads something from them besides their output).
+    """
+
+    name: str
+    attr: str
+    config_key: str
+    streams: Streams = Streams()
+    pinned: tuple[int, ...] = ()
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(getattr(model, self.attr))
+
+    def num_blocks(self, model: nn.Module) -> int:
+        return len(getattr(model, self.attr))
+
+    def keep(self, model: nn.Module, kept: list[int]) -> None:
+        """Keeps the blocks `kept` (renumbered 0 … k−1) and sets the config's count: a stock model again."""
+        old = getattr(model, self.attr)
+        setattr(model, self.attr, nn.ModuleList([old[i] for i in kept]))
+        model.register_to_config(**{self.config_key: len(kept)})
+
+    def owns(self, path: str) -> bool:
+        """Whether the module at `path` lives in one of this group's blocks."""
+        return path.split(".", 1)[0] == self.attr
+
+    def path(self, index: int) -> str:
+        return f"{self.attr}.{index}"
 
 
 @dataclass
@@ -44,13 +116,15 @@ class DepthChoice:
 class Restructure:
     """The hooks a depth operator gives the planner and the walker; the callables take these arguments:
 
-    - `plan(model, family, options, where) -> DepthChoice`: decides the edit on `model` (possibly on the
-      meta device); `where` ("graft.3.options") prefixes RecipeErrors about options
+    - `plan(model, family, group, options, where) -> DepthChoice`: decides the edit on the `BlockGroup`
+      `group` of `model` (possibly on the meta device); `where` ("graft.3.options") prefixes RecipeErrors
+      about options
     - `check(edit, num_blocks) -> None`: raises ValueError if a recorded `PlannedEdit` (a graft.json's) is
       not one this operator plans on `num_blocks` blocks; run on every depth edit before anything changes
-    - `apply(model, family, edit) -> None`: rewrites `model`'s block list in place as `edit` records
+    - `apply(model, family, group, edit) -> None`: rewrites `model`'s block list `group` in place as `edit`
+      records
     - `move_path(path, layer, edit) -> str | None`: the path, after the edit, of the module at `path`
-      in old block `layer` (None: dropped)
+      in old block `layer` of the edit's group (None: dropped)
     - `describe(edit) -> str`: one line for the dry run ("6 → 3, dropped [1, 3, 5]")
     """
 
@@ -100,27 +174,31 @@ def is_meta(model: nn.Module) -> bool:
     return next(model.parameters()).device.type == "meta"
 
 
-def calibration_inputs(model: nn.Module, family: Any, n: int, seed: int):
-    """n seeded random teacher inputs on the model's device: latents x ~ N(0, I), timesteps 0 … 999, conditions.
+def calibration_latent(model: nn.Module, family: Any, pixels: int | None) -> int | None:
+    """The latent size of calibration inputs of `pixels` pixels (None: None, the family's default size)."""
+    if pixels is None:
+        return None
+    scale = family.vae_scale(model)
+    if pixels % scale:
+        raise ValueError(f"{pixels} px is not a multiple of the VAE factor {scale}")
+    return pixels // scale
 
-    The conditions are the family's evenly spread ones in a seeded order; the global RNG is untouched.
+
+def calibration_inputs(model: nn.Module, family: Any, n: int, seed: int, resolution: int | None = None):
+    """n seeded random teacher inputs on the model's device: latents x ~ N(0, I), timesteps, conditions.
+
+    Timesteps are uniform over the 1000 training steps (flow-matching families: σ = (k + 1) / 1000, k in
+    0 … 999); `resolution` is the latent size (default: the family's). The conditions are the family's
+    evenly spread ones in a seeded order; the global RNG is untouched.
     """
     from dit_graft.families.base import conditions_to, take_rows
 
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *family.latent_shape(model), generator=gen)
+    x = torch.randn(n, *family.latent_shape(model, resolution), generator=gen)
     t = torch.randint(0, 1000, (n,), generator=gen)
+    if family.objective == "flow_velocity":
+        t = (t + 1).float() / 1000
     cond = family.conditions(model, n)
     cond = take_rows(cond, torch.randperm(n, generator=gen) % next(iter(cond.values())).shape[0])
     return x.to(device), t.to(device), conditions_to(cond, device)
-
-
-def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a block was called with (a forward hook's args/kwargs)."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def block_output(out: Any) -> torch.Tensor:
-    """The hidden states a block returned (the first item of a tuple)."""
-    return out[0] if isinstance(out, tuple) else out

@@ -1,15 +1,18 @@
 """`parallel_blocks`: run pairs of consecutive blocks side by side (the grafting paper's parallel variant).
 
-A structure edit (`site: depth`). Each chosen pair (b₁, b₂) of consecutive teacher blocks becomes one
-`ParallelBlocks` module that runs both inherited blocks on the same input, with the same block
-arguments (timestep, labels, ...), and adds up their residual updates:
+A structure edit (`site: depth`) on one block group (the edit's `group`; default the family's first).
+Each chosen pair (b₁, b₂) of consecutive teacher blocks becomes one `ParallelBlocks` module that runs
+both inherited blocks on the same input, with the same block arguments (timestep, labels, ...), and
+adds up their residual updates, on every residual stream the blocks update (FLUX: text and image):
 
     out = x + (b₁(x) − x) + (b₂(x) − x)       (computed as b₁(x) + (b₂(x) − x))
 
-so the depth drops from L to L − #pairs and the pair's two blocks can run concurrently. Nothing is
-dropped and nothing is added: every teacher weight is kept, inside the pair module (state-dict keys
-`transformer_blocks.{i}.branches.{0,1}.…`). Distillation then teaches the pair to reproduce the two
-sequential blocks (stage 1 regresses pair i on its span: the input of b₁ → the output of b₂).
+returned in the blocks' own format ((text, image) on FLUX), so the depth drops from L to L − #pairs and
+the pair's two blocks can run concurrently. Nothing is dropped and nothing is added: every teacher
+weight is kept, inside the pair module (state-dict keys `transformer_blocks.{i}.branches.{0,1}.…`;
+FLUX single: `single_transformer_blocks.{i}.branches.…`). Distillation then teaches the pair to
+reproduce the two sequential blocks (stage 1 regresses pair i on its span: the input of b₁ → the
+output of b₂).
 
     pairs: all          the even-aligned pairs (0, 1), (2, 3), …; an odd last block stays alone
     pairs: [0, 4, 7]    the pairs starting at these blocks: (0, 1), (4, 5), (7, 8); they may not overlap
@@ -18,22 +21,22 @@ The plan records, for new block i, `spans[i]` = the pair [a, a+1] or the lone bl
 `layer_map` sends both blocks of a pair to the same new index. Later edits number layers in the new
 model; an attention/MLP edit on layer i changes both blocks of pair i.
 
-Export: the config's `num_layers` becomes L − #pairs, but a pair module is not a diffusers block, so
-the export does NOT load with the stock diffusers class: load it with `dit_graft.from_pretrained(out)`,
-which replays the plan (graft.json) on the teacher's config and then loads the weights strictly.
+Export: the config's block count (`num_layers`; FLUX single: `num_single_layers`) becomes L − #pairs,
+but a pair module is not a diffusers block, so the export does NOT load with the stock diffusers
+class: load it with `dit_graft.from_pretrained(out)`, which replays the plan (graft.json) on the
+teacher's config and then loads the weights strictly.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from dit_graft.errors import RecipeError
 from dit_graft.operators.base import Operator, Options, register
-from dit_graft.operators.depth import DepthChoice, Restructure, renumbered_path
+from dit_graft.operators.depth import BlockGroup, DepthChoice, Restructure, Streams, renumbered_path
 
 
 class ParallelBlocksOptions(Options):
@@ -60,11 +63,15 @@ class ParallelBlocksOptions(Options):
 
 
 class ParallelBlocks(nn.Module):
-    """Blocks run on the same input whose residual updates add up: b₁(x) + Σ_{j>1} (b_j(x) − x)."""
+    """Blocks run on the same input whose residual updates add up: b₁(x) + Σ_{j>1} (b_j(x) − x), per stream.
 
-    def __init__(self, branches: list[nn.Module]) -> None:
+    `streams` says which arguments carry the residual streams in and how the blocks return them.
+    """
+
+    def __init__(self, branches: list[nn.Module], streams: Streams = Streams()) -> None:
         super().__init__()
         self.branches = nn.ModuleList(branches)
+        self.streams = streams
 
     @property
     def norm1(self) -> nn.Module:
@@ -72,11 +79,13 @@ class ParallelBlocks(nn.Module):
         # pair answers with its first block's, the embedding the teacher's output layer read
         return self.branches[0].norm1
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.branches[0](hidden_states, *args, **kwargs)
+    def forward(self, *args, **kwargs) -> Any:
+        inputs = self.streams.inputs(self, args, kwargs)
+        out = self.streams.outputs(self.branches[0](*args, **kwargs))
         for branch in self.branches[1:]:
-            out = out + (branch(hidden_states, *args, **kwargs) - hidden_states)
-        return out
+            update = self.streams.outputs(branch(*args, **kwargs))
+            out = tuple(o + (u - x) for o, u, x in zip(out, update, inputs, strict=True))
+        return self.streams.pack(out)
 
 
 def pair_starts(pairs: str | list[int], num_blocks: int, where: str) -> list[int]:
@@ -96,8 +105,8 @@ def pair_starts(pairs: str | list[int], num_blocks: int, where: str) -> list[int
     return starts
 
 
-def _plan(model: nn.Module, family, options: ParallelBlocksOptions, where: str) -> DepthChoice:
-    n = family.num_layers(model)
+def _plan(model: nn.Module, family, group: BlockGroup, options: ParallelBlocksOptions, where: str) -> DepthChoice:
+    n = group.num_blocks(model)
     starts = set(pair_starts(options.pairs, n, where))
     spans: list[list[int]] = []
     i = 0
@@ -115,15 +124,14 @@ def _check(edit, num_blocks: int) -> None:
         raise ValueError("parallel_blocks drops no block")
 
 
-def _apply(model: nn.Module, family, edit) -> None:
+def _apply(model: nn.Module, family, group: BlockGroup, edit) -> None:
     """Keeps the first block of every span, then puts each pair's module in its first block's place."""
-    old = family.blocks(model)
-    family.keep_blocks(model, [s[0] for s in edit.spans])
-    paths = {id(m): name for name, m in model.named_modules()}
+    old = group.blocks(model)
+    group.keep(model, [s[0] for s in edit.spans])
+    blocks = getattr(model, group.attr)
     for new, span in enumerate(edit.spans):
         if len(span) > 1:
-            parent, _, name = paths[id(family.blocks(model)[new])].rpartition(".")
-            setattr(model.get_submodule(parent), name, ParallelBlocks([old[i] for i in span]))
+            blocks[new] = ParallelBlocks([old[i] for i in span], group.streams)
 
 
 def _move_path(path: str, layer: int, edit) -> str:

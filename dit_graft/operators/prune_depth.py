@@ -1,15 +1,20 @@
 """`prune_depth`: keep k of the teacher's transformer blocks, chosen by one of three methods.
 
-A structure edit (`site: depth`): planning decides which blocks survive and records it; applying
-rebuilds the block list from the kept blocks, in their order, and updates the config's layer count,
-so a depth-only student is a stock diffusers model (blocks renumbered 0 … k−1). Each kept block also
+A structure edit (`site: depth`) on one block group (the edit's `group`; default the family's first: DiT
+`blocks`, PixArt `self`, FLUX `double`, or FLUX `single`): planning decides which of the group's blocks
+survive and records it; applying rebuilds the group's block list from the kept blocks, in their order,
+and updates the config's count (`num_layers`, FLUX single: `num_single_layers`), so a depth-only student
+is a stock diffusers model (blocks renumbered 0 … k−1). Each kept block also
 records the span of teacher blocks it stands in for (itself and the dropped blocks after it up to the
 next kept one; see `dit_graft.operators.depth`), which a span-wise trainer can regress it on.
 
 All methods score on `calibration_samples` teacher forward passes of random latents x ~ N(0, I) at
-uniform random timesteps (0 … 999) with the family's evenly spread conditions, from a generator
-seeded by `seed` (the global RNG is untouched): a data-free stand-in for teacher data. Blocks a
-family pins (DiT: block 0, whose label/timestep embedding the output layer reads) are always kept.
+uniform random timesteps (0 … 999; flow matching: σ in (0, 1]) with the family's evenly spread
+conditions, from a generator seeded by `seed` (the global RNG is untouched): a data-free stand-in for
+teacher data, at `calibration_resolution` pixels (default: the model's own size; FLUX: 1024 px). Blocks
+a family pins (DiT: block 0, whose label/timestep embedding the output layer reads) are always kept.
+The hidden states h_i below are the group's residual streams joined into one token sequence (FLUX:
+[text; image], see `dit_graft.families.flux`).
 
     method: importance   (ShortGPT, Men et al. 2024) BI_i = 1 − E_tokens[cos(h_i, h_{i+1})], h_i the
                          input of block i. A block that barely turns its input changes the residual
@@ -50,11 +55,11 @@ from dit_graft.errors import RecipeError
 from dit_graft.operators.base import Operator, Options, register
 from dit_graft.operators.depth import (
     DROPPED,
+    BlockGroup,
     DepthChoice,
     Restructure,
-    block_input,
-    block_output,
     calibration_inputs,
+    calibration_latent,
     is_meta,
     prune_layer_map,
     renumbered_path,
@@ -76,6 +81,9 @@ class PruneDepthOptions(Options):
     )
     calibration_samples: int = Field(default=8, ge=1, le=4096, description="random teacher inputs scored/searched on")
     seed: int = Field(default=0, ge=0, description="seed of the calibration inputs (and the learnable search)")
+    calibration_resolution: int | None = Field(
+        default=None, ge=1, description="image size in pixels of the calibration inputs (default: the model's own)"
+    )
     group_size: int = Field(default=2, ge=1, description="learnable: M, blocks per group")
     keep_per_group: int = Field(default=1, ge=1, description="learnable: N, blocks kept per group")
     search_steps: int = Field(default=100, ge=1, description="learnable: search steps")
@@ -105,27 +113,35 @@ class PruneDepthOptions(Options):
         return value
 
 
-def block_importance(model: nn.Module, options: PruneDepthOptions) -> list[float]:
-    """BI_i = 1 − mean cosine similarity of block i's input and output tokens, over seeded random teacher inputs."""
-    sims = block_similarity(model, options, reach=1)
+def block_importance(model: nn.Module, options: PruneDepthOptions, group: str | None = None) -> list[float]:
+    """BI_i = 1 − mean cosine similarity of block i's input and output tokens, over seeded random teacher inputs.
+
+    `group`: the family's depth block group whose blocks are scored (None: the first)."""
+    sims = block_similarity(model, options, reach=1, group=group)
     return [1.0 - sims[i][i + 1] for i in range(len(sims) - 1)]
 
 
-def block_similarity(model: nn.Module, options: PruneDepthOptions, reach: int | None = None) -> list[list[float]]:
-    """S[a][c] = mean over tokens of cos(h_a, h_c) for a < c ≤ a + reach (h_i: block i's input, h_L: the last
-    output), over seeded random teacher inputs; 0 elsewhere. `reach` None: every pair."""
+def block_similarity(
+    model: nn.Module, options: PruneDepthOptions, reach: int | None = None, group: str | None = None
+) -> list[list[float]]:
+    """S[a][c] = mean over tokens of cos(h_a, h_c) for a < c ≤ a + reach (h_i: block i's input streams joined,
+    h_L: the last block's output), over seeded random teacher inputs; 0 elsewhere. `reach` None: every pair.
+
+    The blocks are those of the family's depth block group `group` (None: the first)."""
     from dit_graft.families import family_for
 
     family = family_for(model)
-    blocks = family.blocks(model)
-    x, t, cond = calibration_inputs(model, family, options.calibration_samples, options.seed)
+    streams = family.depth_group(group).streams
+    blocks = family.depth_group(group).blocks(model)
+    resolution = calibration_latent(model, family, options.calibration_resolution)
+    x, t, cond = calibration_inputs(model, family, options.calibration_samples, options.seed, resolution)
     states: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
 
     def hook(i):
         def record(module, args, kwargs, out):
-            states[i] = block_input(args, kwargs).float()
+            states[i] = streams.joined(streams.inputs(module, args, kwargs)).float()
             if i == len(blocks) - 1:
-                states[i + 1] = block_output(out).float()
+                states[i + 1] = streams.joined(streams.outputs(out)).float()
 
         return record
 
@@ -174,25 +190,29 @@ def contiguous_spans(sims: list[list[float]], keep: int, pinned: tuple[int, ...]
     return spans
 
 
-def _plan(model: nn.Module, family, options: PruneDepthOptions, where: str) -> DepthChoice:
-    n = family.num_layers(model)
-    pinned = tuple(p for p in family.pinned_blocks if p < n)
+def _plan(model: nn.Module, family, group: BlockGroup, options: PruneDepthOptions, where: str) -> DepthChoice:
+    n = group.num_blocks(model)
+    pinned = tuple(p for p in group.pinned if p < n)
+    try:
+        family.latent_shape(model, calibration_latent(model, family, options.calibration_resolution))
+    except ValueError as e:
+        raise RecipeError(f"{where}.calibration_resolution: {e}") from None
     scores = None
     if options.method == "learnable":
-        kept, scores = _plan_learnable(model, family, options, where, n, pinned)
+        kept, scores = _plan_learnable(model, family, group, options, where, n, pinned)
     else:
         if options.keep > n:
-            raise RecipeError(f"{where}.keep: keep={options.keep} exceeds the model's {n} blocks")
+            raise RecipeError(f"{where}.keep: keep={options.keep} exceeds the model's {n} blocks (group {group.name})")
         if options.keep < len(pinned):
             raise RecipeError(f"{where}.keep: keep={options.keep} is fewer than the family's pinned blocks {pinned}")
         if options.method == "importance":
-            scores = None if is_meta(model) else block_importance(model, options)
+            scores = None if is_meta(model) else block_importance(model, options, group.name)
             kept = choose_blocks(scores, n, options.keep, pinned)
         else:
             if is_meta(model):
                 kept = choose_blocks(None, n, options.keep, pinned)
             else:
-                sims = block_similarity(model, options)
+                sims = block_similarity(model, options, group=group.name)
                 scores = [1.0 - sims[i][i + 1] for i in range(n)]
                 spans = contiguous_spans(sims, options.keep, pinned)
                 if spans is None:
@@ -207,12 +227,14 @@ def _plan(model: nn.Module, family, options: PruneDepthOptions, where: str) -> D
     )
 
 
-def _plan_learnable(model, family, options, where, n, pinned) -> tuple[list[int], list[float] | None]:
+def _plan_learnable(model, family, group, options, where, n, pinned) -> tuple[list[int], list[float] | None]:
     from dit_graft.depth_search import candidate_masks, learnable_search
 
     m, k = options.group_size, options.keep_per_group
     if n % m:
-        raise RecipeError(f"{where}.group_size: group_size={m} does not divide the model's {n} blocks")
+        raise RecipeError(
+            f"{where}.group_size: group_size={m} does not divide the model's {n} blocks (group {group.name})"
+        )
     derived = k * n // m
     if options.keep is not None and options.keep != derived:
         raise RecipeError(
@@ -223,9 +245,9 @@ def _plan_learnable(model, family, options, where, n, pinned) -> tuple[list[int]
     if not all(candidates):
         raise RecipeError(f"{where}.keep_per_group: keep_per_group={k} cannot keep the pinned blocks {pinned}")
     if is_meta(model):
-        return sorted(i for group in candidates for i in group[0]), None
+        return sorted(i for masks in candidates for i in masks[0]), None
     try:
-        return learnable_search(model, family, options, candidates)
+        return learnable_search(model, family, group, options, candidates)
     except ValueError as e:
         raise RecipeError(f"{where}: {e}") from None
 
@@ -240,8 +262,8 @@ def _check(edit, num_blocks: int) -> None:
         raise ValueError(f"spans {edit.spans} do not start at the kept blocks {kept}")
 
 
-def _apply(model: nn.Module, family, edit) -> None:
-    family.keep_blocks(model, edit.kept)
+def _apply(model: nn.Module, family, group: BlockGroup, edit) -> None:
+    group.keep(model, edit.kept)
 
 
 def _move_path(path: str, layer: int, edit) -> str | None:
