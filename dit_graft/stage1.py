@@ -17,7 +17,6 @@ modules train independently (one optimizer, disjoint parameters).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dit_graft.errors import DivergenceError, IntegrityError
+from dit_graft.export import commit_dir
 from dit_graft.families import family_for
 from dit_graft.families.dit import freeze_label_dropout
 from dit_graft.plan import GraftPlan, depth_spans
@@ -311,8 +311,4 @@ def _save(saved: Path, student: nn.Module, log: list[dict], errors: dict[str, fl
     state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
     save_file(state, str(tmp / "student.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"log": log, "errors": errors}))
-    if saved.exists():
-        import shutil
-
-        shutil.rmtree(saved)
-    os.rename(tmp, saved)
+    commit_dir(tmp, saved)

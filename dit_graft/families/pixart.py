@@ -27,7 +27,7 @@ from torch import nn
 
 from dit_graft.diffusion import Schedule, ddim_sample
 from dit_graft.families.base import FAMILIES, GENERIC, Conditions, Family, FamilySite, block_paths, expand_null
-from dit_graft.families.dit import ddpm_noise, install_image_grid
+from dit_graft.families.dit import ddpm_noise, install_image_grid, latent_shape
 from dit_graft.families.text import empty_caption, read_captions, spread, synthetic_captions
 from dit_graft.operators.base import TokenGrid
 from dit_graft.operators.depth import BlockGroup
@@ -121,11 +121,6 @@ def _sample(
     return ddim_sample(lambda x, t, c: _forward(model, x, t, c), Schedule.linear(), noise, cond, uncond, steps, cfg)
 
 
-def _latent_shape(model: nn.Module, resolution: int | None = None) -> tuple[int, int, int]:
-    size = resolution or model.config.sample_size
-    return (model.config.in_channels, size, size)
-
-
 PIXART = FAMILIES.register("pixart")(
     Family(
         name="pixart",
@@ -141,7 +136,7 @@ PIXART = FAMILIES.register("pixart")(
         conditions=_conditions,
         null_conditions=_null_conditions,
         noise=ddpm_noise,
-        latent_shape=_latent_shape,
+        latent_shape=latent_shape,
         vae_scale=lambda model: 8,
         groups=("self", "cross"),
         builders=_builders,

@@ -231,6 +231,21 @@ def attention_pairs_flops(pairs: int, channels: int) -> int:
     return 4 * pairs * channels
 
 
+def block_share(name: str, value: int | float, zero_ok: bool = False) -> int | float:
+    """Validates a per-query-block share of key blocks: a block count (int) or a fraction (float), never a bool.
+
+    Counts must be ≥ 1 and fractions in (0, 1]; with `zero_ok` (a share that may be empty), ≥ 0 and [0, 1).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a fraction or a block count, not a bool")
+    low, interval = (0, "[0, 1)") if zero_ok else (1, "(0, 1]")
+    if isinstance(value, int) and value < low:
+        raise ValueError(f"{name} as a block count must be ≥ {low} (got {value})")
+    if isinstance(value, float) and not (0.0 <= value < 1.0 if zero_ok else 0.0 < value <= 1.0):
+        raise ValueError(f"{name} as a fraction must be in {interval} (got {value}); write an int for a block count")
+    return value
+
+
 def check_self_attention(attn: nn.Module, op: str) -> None:
     """Refuses Attention features the grafted processors do not reproduce, before anything is swapped."""
     unsupported = {

@@ -54,6 +54,7 @@ from dit_graft.operators.base import (
     Site,
     attention_output,
     attention_pairs_flops,
+    block_share,
     check_self_attention,
     register,
     self_attention_qkv,
@@ -62,12 +63,6 @@ from dit_graft.operators.base import (
 # Scores one call of the reference may hold: it keeps about four [B, h, N, N] fp32 tensors (scores,
 # softmax weights, masks, linear weights), so 2²⁷ per tensor stays near 2 GiB. The Triton kernels hold none.
 REFERENCE_SCORES = 2**27
-
-
-def _not_bool(name: str, value):
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a fraction or a block count, not a bool")
-    return value
 
 
 class SlaOptions(Options):
@@ -82,25 +77,12 @@ class SlaOptions(Options):
     @field_validator("critical", "negligible", mode="before")
     @classmethod
     def _no_bool(cls, value, info):
-        return _not_bool(info.field_name, value)
+        return block_share(info.field_name, value) if isinstance(value, bool) else value  # before True reads as 1
 
-    @field_validator("critical")
+    @field_validator("critical", "negligible")
     @classmethod
-    def _critical_range(cls, critical: int | float) -> int | float:
-        if isinstance(critical, int) and critical < 1:
-            raise ValueError(f"critical as a block count must be ≥ 1 (got {critical})")
-        if isinstance(critical, float) and not 0.0 < critical <= 1.0:
-            raise ValueError(f"critical as a fraction must be in (0, 1] (got {critical}); write an int for a count")
-        return critical
-
-    @field_validator("negligible")
-    @classmethod
-    def _negligible_range(cls, negligible: int | float) -> int | float:
-        if isinstance(negligible, int) and negligible < 0:
-            raise ValueError(f"negligible as a block count must be ≥ 0 (got {negligible})")
-        if isinstance(negligible, float) and not 0.0 <= negligible < 1.0:
-            raise ValueError(f"negligible as a fraction must be in [0, 1) (got {negligible}); write an int for a count")
-        return negligible
+    def _share_range(cls, value: int | float, info) -> int | float:
+        return block_share(info.field_name, value, zero_ok=info.field_name == "negligible")
 
 
 def critical_blocks(critical: int | float, n_blocks: int) -> int:

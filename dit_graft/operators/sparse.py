@@ -39,6 +39,7 @@ from dit_graft.operators.base import (
     Site,
     attention_output,
     attention_pairs_flops,
+    block_share,
     check_self_attention,
     register,
     self_attention_qkv,
@@ -56,19 +57,13 @@ class SparseOptions(Options):
 
     @field_validator("keep", mode="before")
     @classmethod
-    def _keep(cls, keep):
-        if isinstance(keep, bool):
-            raise ValueError("keep must be a fraction in (0, 1] or a block count ≥ 1, not a bool")
-        return keep
+    def _no_bool(cls, keep):
+        return block_share("keep", keep) if isinstance(keep, bool) else keep  # before pydantic reads True as 1
 
     @field_validator("keep")
     @classmethod
     def _keep_range(cls, keep: int | float) -> int | float:
-        if isinstance(keep, int) and keep < 1:
-            raise ValueError(f"keep as a block count must be ≥ 1 (got {keep})")
-        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep as a fraction must be in (0, 1] (got {keep}); write an int for a block count")
-        return keep
+        return block_share("keep", keep)
 
 
 def kept_blocks(keep: int | float, n_blocks: int) -> int:

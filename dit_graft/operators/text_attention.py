@@ -373,24 +373,14 @@ class JointLinearProcessor(JointAttnProcessor):
         return attention_pairs_flops(text * joint, site.dim) + linear + 2 * tokens * site.dim * self.options.dwconv**2
 
 
-def build_joint_softmax(old: nn.Module, site: Site, options) -> JointSoftmaxProcessor:
-    check_flux_attention(old, "softmax")
-    return JointSoftmaxProcessor(site.grid, options)
+def _build_joint(op: str, processor: type):
+    """The builder of a joint processor that takes only the token grid and the options."""
 
+    def build(old: nn.Module, site: Site, options):
+        check_flux_attention(old, op)
+        return processor(site.grid, options)
 
-def build_joint_local(old: nn.Module, site: Site, options) -> JointLocalProcessor:
-    check_flux_attention(old, "local")
-    return JointLocalProcessor(site.grid, options)
-
-
-def build_joint_swa(old: nn.Module, site: Site, options) -> JointSwaProcessor:
-    check_flux_attention(old, "swa")
-    return JointSwaProcessor(site.grid, options)
-
-
-def build_joint_sparse(old: nn.Module, site: Site, options) -> JointSparseProcessor:
-    check_flux_attention(old, "sparse")
-    return JointSparseProcessor(site.grid, options)
+    return build
 
 
 def build_joint_sla(old: nn.Module, site: Site, options) -> JointSlaProcessor:
@@ -407,10 +397,10 @@ def build_joint_linear(old: nn.Module, site: Site, options) -> JointLinearProces
 
 
 JOINT_BUILDERS = {
-    "softmax": build_joint_softmax,
-    "local": build_joint_local,
-    "swa": build_joint_swa,
-    "sparse": build_joint_sparse,
+    "softmax": _build_joint("softmax", JointSoftmaxProcessor),
+    "local": _build_joint("local", JointLocalProcessor),
+    "swa": _build_joint("swa", JointSwaProcessor),
+    "sparse": _build_joint("sparse", JointSparseProcessor),
     "sla": build_joint_sla,
     "linear": build_joint_linear,
 }
