@@ -138,8 +138,26 @@ class ActivationSection(Strict):
     log_every: int = Field(default=10, ge=1)
 
 
+class LoraSection(Strict):
+    """`trainable: lora`: peft LoRA adapters on the linear layers of the grafted modules, merged into the export."""
+
+    rank: int = Field(default=16, ge=1, description="LoRA rank r")
+    alpha: float | None = Field(
+        default=None, gt=0, description="LoRA scale numerator (update = alpha/r · BA); default: rank"
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA input")
+
+
 class DistillSection(Strict):
-    """The distillation run: stage 1 (`activation`), stage 2 (`end_to_end`) or both, in that order."""
+    """The distillation run: stage 1 (`activation`), stage 2 (`end_to_end`) or both, in that order.
+
+    Scale-out keys: `batch_size` is the global batch over all processes (torchrun / accelerate launch);
+    `trainable` chooses which parameters train (the rest are frozen: no gradient, no optimizer state, and,
+    where unedited, the teacher's own tensors); `parallel` chooses how the student is spread over
+    processes; `gradient_checkpointing` recomputes each transformer block's activations in the backward
+    pass; `frozen_dtype` is the dtype of the teacher and of the student's frozen weights (trainable
+    weights stay float32, under autocast when `mixed_precision` is set).
+    """
 
     stages: list[Literal["activation", "end_to_end"]] = Field(
         default_factory=lambda: ["end_to_end"], min_length=1, description="which stages run (in this order)"
@@ -183,6 +201,24 @@ class DistillSection(Strict):
     checkpoint_every: int = Field(default=100, ge=1)
     log_every: int = Field(default=10, ge=1)
     max_bad_steps: int = Field(default=5, ge=1, description="consecutive non-finite losses before giving up")
+    trainable: Literal["new", "grafted", "all", "lora"] = Field(
+        default="all",
+        description="parameters that train: new (only those the graft added), grafted (every parameter of the "
+        "modules an edit touched), all (the whole student), lora (LoRA adapters on the grafted modules' linear "
+        "layers, merged into the export)",
+    )
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings, for trainable: lora")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="data parallel over processes: ddp (replicated student, averaged gradients; a no-op in one "
+        "process) or fsdp (FSDP2 fully_shard, one transformer block per unit)",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each transformer block's activations in the backward pass"
+    )
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype of the teacher and of the student's frozen weights"
+    )
 
 
 class ExportSection(Strict):
