@@ -114,10 +114,13 @@ def video_latent(model: nn.Module, frames: int, height: int, width: int) -> tupl
 
 
 def latent_size(model: nn.Module, resolution: Any = None) -> tuple[int, int, int]:
-    """(F, H, W) latents: None → 480p × 81 frames; an int (a latent side) → 81 frames of resolution²;
-    a (F, H, W) tuple → itself (latent units)."""
+    """(F, H, W) latents: None → 480p × 81 frames (TINY_LATENT for a test model whose RoPE table is shorter
+    than 480p's token grid); an int (a latent side) → 81 frames of resolution²; a (F, H, W) tuple → itself."""
     if resolution is None:
-        return video_latent(model, *VIDEO_SIZES[DEFAULT_SIZE])
+        f, h, w = video_latent(model, *VIDEO_SIZES[DEFAULT_SIZE])
+        if max(token_grid(model, (f, h, w))) > model.config.rope_max_seq_len:
+            return TINY_LATENT  # a test model whose RoPE table cannot hold 480p's token grid
+        return f, h, w
     if isinstance(resolution, int):
         return latent_frames(DEFAULT_FRAMES), resolution, resolution
     f, h, w = resolution
@@ -497,7 +500,9 @@ def original_wan_config(shapes: dict[str, Any], num_heads: int | None = None) ->
         return shapes[key]
 
     dim, in_channels, *patch = shape("patch_embedding.weight")
-    heads = num_heads or dim // HEAD_DIM
+    heads = num_heads or (dim // HEAD_DIM if dim % HEAD_DIM == 0 else 0)
+    if not heads:
+        raise IntegrityError(f"width {dim} is no multiple of Wan's head width {HEAD_DIM}: set model.num_heads")
     if dim % heads or (dim // heads) % 2:
         raise IntegrityError(f"width {dim} does not split into {heads} heads of an even width (set model.num_heads)")
     layers = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
@@ -629,8 +634,8 @@ register_layout(
 def _register_legacy() -> None:
     """Also registers the family in the pre-model-layer dataclass registry (families/base.py) while that exists.
 
-    There the walker knows no adapters: softmax (WanAttnProcessor) and every MLP operator apply; other attention
-    operators are refused with the reason. Remove once families/base.py is gone.
+    There the walker knows no adapters (and installs diffusers' generic processor for `softmax`): MLP and depth
+    edits apply, attention operators are refused with the reason. Remove once families/base.py is gone.
     """
     try:
         from dit_graft.families import base
@@ -640,11 +645,11 @@ def _register_legacy() -> None:
         return
 
     def builders(site, op: str):
-        if site.kind == "mlp" or op == "softmax":
+        if site.kind == "mlp":
             return base.GENERIC
         raise base.UnsupportedOperator(
             f"operator {op!r} on the wan family's {site.group} attention sites needs the attention adapter/core "
-            f"layer, which this build's walker does not use yet (supported there: softmax)"
+            f"layer, which this build's walker does not use yet (the teacher's attention stays)"
         )
 
     base.FAMILIES.register("wan")(

@@ -1,0 +1,258 @@
+"""The Wan family: adapters against diffusers' WanAttnProcessor, the sampler against WanPipeline, Wan's original
+checkpoint layout against diffusers' own converter, the bundled full-size configs, and a tiny Wan end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dit_graft
+from dit_graft.errors import IntegrityError
+from dit_graft.families.wan import (
+    TINY_LATENT,
+    TINY_WAN,
+    VIDEO_SIZES,
+    WAN,
+    convert_original_wan_state_dict,
+    expert_sigma_range,
+    latent_frames,
+    original_wan_config,
+    scheduler,
+    tiny_wan,
+    to_original_wan_state_dict,
+    video_latent,
+)
+from dit_graft.loading import build_from_config, read_config, resolve_source
+from dit_graft.model.attention import AttentionCore, GraftedAttnProcessor
+from dit_graft.model.checkpoints import detect_layout
+from tests.test_cli import run_cli
+
+# An I2V-shaped tiny Wan: CLIP image tokens (width 8) through add_k_proj/add_v_proj in every attn2.
+TINY_I2V = dict(image_dim=8, added_kv_proj_dim=24)
+
+
+class SoftmaxCore(AttentionCore):
+    """Plain SDPA: the core under which an adapter must reproduce the teacher exactly."""
+
+    op = "softmax"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layouts = []
+
+    def forward(self, q, k, v, layout, key_mask=None):
+        self.layouts.append(layout)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _inputs(image: bool = False, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    kwargs = dict(
+        hidden_states=torch.randn(2, 4, *TINY_LATENT, generator=g),
+        timestep=torch.tensor([300.0, 950.0]),
+        encoder_hidden_states=torch.randn(2, 512, TINY_WAN["text_dim"], generator=g),
+        return_dict=False,
+    )
+    if image:
+        kwargs["encoder_hidden_states_image"] = torch.randn(2, 5, 8, generator=g)
+    return kwargs
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_adapters_with_a_softmax_core_reproduce_wans_processor_exactly(image):
+    model = tiny_wan(**(TINY_I2V if image else {}))
+    WAN.install_grid(model)
+    kwargs = _inputs(image)
+    with torch.no_grad():
+        reference = model(**kwargs)[0]
+    cores = {}
+    for site in WAN.sites(model):
+        if site.kind == "attention":
+            cores[site.path] = SoftmaxCore()
+            model.get_submodule(site.path).set_processor(GraftedAttnProcessor(site.adapter, cores[site.path]))
+    with torch.no_grad():
+        out = model(**kwargs)[0]
+    assert torch.equal(out, reference)
+    grid = (3, 2, 3)  # TINY_LATENT (3, 4, 6) under the (1, 2, 2) patch
+    assert cores["blocks.1.attn1"].layouts[0].grid == grid and cores["blocks.1.attn1"].layouts[0].context is None
+    assert cores["blocks.1.attn2"].layouts[0].context == 512 and cores["blocks.1.attn2"].layouts[0].grid == grid
+
+
+def test_sites_groups_caps_and_depth_group():
+    model = tiny_wan()
+    sites = WAN.sites(model)
+    assert [(s.path, s.kind, s.group) for s in sites[:3]] == [
+        ("blocks.0.attn1", "attention", "self"),
+        ("blocks.0.ffn", "mlp", "self"),
+        ("blocks.0.attn2", "attention", "cross"),
+    ]
+    assert sites[0].attention.grid_dims == 3 and sites[0].attention.text == "none"
+    assert sites[2].attention.text == "cross" and sites[2].attention.grid_dims is None
+    assert WAN.depth_group(None).attr == "blocks" and WAN.num_layers(model) == 2
+    assert type(WAN.stock_processor(sites[0])).__name__ == "WanAttnProcessor"
+
+
+def test_video_geometry():
+    model = build_from_config(read_config(resolve_source("bundled:configs/wan2.1-t2v-1.3b")), meta=True)
+    five = build_from_config(read_config(resolve_source("bundled:configs/wan2.2-ti2v-5b")), meta=True)
+    assert latent_frames(81) == 21 and latent_frames(1) == 1
+    with pytest.raises(ValueError, match="4k \\+ 1 frames"):
+        latent_frames(80)
+    assert video_latent(model, *VIDEO_SIZES["480p×81"]) == (21, 60, 104)  # 21 · 30 · 52 = 32,760 tokens
+    assert video_latent(model, *VIDEO_SIZES["720p×81"]) == (21, 90, 160)
+    assert video_latent(five, *VIDEO_SIZES["480p×81"]) == (21, 30, 52)  # Wan2.2's VAE: 16× spatially
+    assert WAN.latent_shape(model) == (16, 21, 60, 104) and WAN.latent_shape(five) == (48, 21, 30, 52)
+    assert WAN.latent_shape(model, 8) == (16, 21, 8, 8) and WAN.latent_shape(model, (3, 4, 6)) == (16, 3, 4, 6)
+    with pytest.raises(ValueError, match="multiples of 16×16 px"):
+        video_latent(model, 81, 480, 840)
+
+
+def test_bundled_full_size_configs_count_the_published_sizes():
+    counts = {}
+    for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b"):
+        model = build_from_config(read_config(resolve_source(f"bundled:configs/{name}")), meta=True)
+        counts[name] = sum(p.numel() for p in model.parameters())
+    assert counts == {
+        "wan2.1-t2v-1.3b": 1_418_996_800,  # 1.42B
+        "wan2.1-t2v-14b": 14_288_491_584,  # 14.29B
+        "wan2.2-ti2v-5b": 4_999_787_712,  # 5.00B
+        "wan2.2-t2v-a14b": 14_288_491_584,  # each of the two experts
+    }
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["t2v", "i2v"])
+def test_original_layout_converts_exactly_and_agrees_with_diffusers_converter(image):
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    model = tiny_wan(seed=3, **(TINY_I2V if image else {}))
+    original = to_original_wan_state_dict(model)
+    assert "blocks.1.self_attn.q.weight" in original and "head.modulation" in original
+    assert ("blocks.0.cross_attn.k_img.weight" in original) == image
+    assert detect_layout(original.keys()).name == "original-wan"
+    config = original_wan_config({k: v.shape for k, v in original.items()}, num_heads=2)
+    for key in ("in_channels", "out_channels", "text_dim", "freq_dim", "ffn_dim", "num_layers", "attention_head_dim"):
+        assert config[key] == TINY_WAN[key], key
+    assert config["image_dim"] == (8 if image else None)
+    rebuilt = build_from_config(config)
+    rebuilt.load_state_dict(convert_original_wan_state_dict(original, rebuilt), strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[k], v), k
+    ours = convert_original_wan_state_dict({"model.diffusion_model." + k: v for k, v in original.items()}, rebuilt)
+    theirs = convert_wan_transformer_to_diffusers(dict(original))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(**_inputs(image))[0], model(**_inputs(image))[0])
+
+
+def test_original_layout_errors_name_the_key():
+    model = tiny_wan()
+    original = to_original_wan_state_dict(model)
+    with pytest.raises(IntegrityError, match="unknown key 'blocks.0.extra.weight'"):
+        convert_original_wan_state_dict({**original, "blocks.0.extra.weight": torch.zeros(1)}, model)
+    missing = {k: v for k, v in original.items() if k != "blocks.1.ffn.2.bias"}
+    with pytest.raises(IntegrityError, match="lacks 'blocks.1.ffn.2.bias'"):
+        convert_original_wan_state_dict(missing, model)
+    with pytest.raises(IntegrityError, match="'blocks.0.self_attn.q.weight' → 'blocks.0.attn1.to_q.weight': shape"):
+        convert_original_wan_state_dict({**original, "blocks.0.self_attn.q.weight": torch.zeros(24, 23)}, model)
+    shapes = {k: v.shape for k, v in original.items()}
+    with pytest.raises(IntegrityError, match="width 24 is no multiple of Wan's head width 128: set model.num_heads"):
+        original_wan_config(shapes)  # 24 is no multiple of Wan's head width 128
+    with pytest.raises(IntegrityError, match="set model.num_heads"):
+        original_wan_config(shapes, num_heads=5)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4, latents_std=[1.0] * 4
+    ).eval()
+
+
+def _pipeline(transformer):
+    from diffusers import WanPipeline
+
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(), transformer=transformer
+    )
+
+
+def test_sampler_is_wan_pipelines_denoising_loop():
+    model = tiny_wan()
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(2, 4, 3, 4, 6, generator=g)
+    embeds = torch.randn(2, 512, TINY_WAN["text_dim"], generator=g)
+    negative = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
+    ours = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=4, cfg=5.0, null={"prompt_embeds": negative})
+    theirs = _pipeline(model)(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative.expand(2, -1, -1),
+        latents=latents,
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    plain = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=4)
+    assert not torch.allclose(plain, ours)
+
+
+def test_noise_conditions_and_experts():
+    model = tiny_wan()
+    x0 = torch.randn(64, 4, 3, 4, 6)
+    xt, sigma, target = WAN.noise(model, x0, torch.Generator().manual_seed(0))
+    s = sigma.view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(xt, x0 + s * target)  # x_σ = (1 − σ) x0 + σ ε, target ε − x0
+    assert sigma.min() >= 0 and sigma.max() <= 1 and sigma.median() > 0.6  # shift 3 spends time at high noise
+    lo, hi = expert_sigma_range(1, 0.875)
+    model._dit_graft_sigma_range = (lo, hi)
+    _, sigma, _ = WAN.noise(model, x0, torch.Generator().manual_seed(0))
+    assert sigma.max() < 0.875 and expert_sigma_range(0, 0.875) == (0.875, 1.0)
+    cond = WAN.conditions(model, 10)
+    assert set(cond) == {"prompt_embeds"} and cond["prompt_embeds"].shape == (10, 512, TINY_WAN["text_dim"])
+    assert torch.equal(WAN.null_conditions(model)["prompt_embeds"], torch.zeros(1, 512, TINY_WAN["text_dim"]))
+
+
+def test_tiny_wan_converts_end_to_end_and_runs_in_wan_pipeline(tmp_path, write_recipe, capsys):
+    tiny_wan(num_layers=3).save_pretrained(tmp_path / "teacher")
+    data = {
+        "model": {"source": str(tmp_path / "teacher")},
+        "graft": [
+            {"site": "mlp", "layers": [1], "op": "mlp_ratio", "options": {"ratio": 0.5}},
+            {"site": "depth", "op": "prune_depth", "options": {"keep": 2, "calibration_samples": 2}},
+        ],
+        "distill": {"steps": 2, "batch_size": 2, "pool_size": 2, "pool_steps": 2, "warmup": 1, "resolution": 32},
+    }
+    code, _, stderr = run_cli(["convert", write_recipe(data), "--out", tmp_path / "student"], capsys)
+    assert code == 0, stderr
+    graft = json.loads((tmp_path / "student" / "graft.json").read_text())
+    assert graft["plan"]["family"] == "wan"
+    student = dit_graft.from_pretrained(tmp_path / "student")
+    again = dit_graft.from_pretrained(tmp_path / "student")
+    assert len(student.blocks) == 2 and student.config.num_layers == 2  # prune_depth kept 2 of 3 blocks
+    assert sorted(b.ffn.net[2].in_features for b in student.blocks) in (
+        [12, 32],
+        [32, 32],
+    )  # mlp_ratio 0.5: 12 hidden units
+    for k, v in student.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    with torch.no_grad():
+        assert torch.equal(student(**_inputs())[0], again(**_inputs())[0])
+    g = torch.Generator().manual_seed(0)
+    video = _pipeline(student)(
+        prompt_embeds=torch.randn(1, 512, TINY_WAN["text_dim"], generator=g),
+        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=2,
+        output_type="np",
+    ).frames
+    assert video.shape == (1, 9, 32, 48, 3) and torch.isfinite(torch.from_numpy(video)).all()
