@@ -11,7 +11,7 @@ import copy
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_serializer
 from torch import nn
 
 from dit_graft import __version__
@@ -33,6 +33,16 @@ class PlannedModule(BaseModel):
     layer: int
     old: str
     new: str
+    # operators that keep a subset of the teacher FFN's hidden units (mlp_ratio, prune_width, moe): which ones,
+    # per part of the replacement ("hidden"; moe: "shared", "experts.0", ...); recorded by apply(), replayed by it
+    units: dict[str, list[int]] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_units(self, handler):
+        data = handler(self)
+        if data.get("units") is None:  # modules without kept units serialise as before
+            data.pop("units", None)
+        return data
 
 
 class PlannedEdit(BaseModel):
@@ -324,6 +334,7 @@ def _swap(student: nn.Module, family: Family, edits: list[PlannedEdit]) -> None:
     """Builds every replacement of `edits`, then swaps them all in (nothing is swapped if a build fails)."""
     sites = family.site_map(student)
     swaps: list[tuple[str, str, nn.Module | None]] = []
+    records: list[tuple[PlannedModule, dict[str, list[int]]]] = []
     for edit in edits:
         op = OPERATORS.get(edit.op)
         options = op.parse_options(edit.options)
@@ -331,11 +342,19 @@ def _swap(student: nn.Module, family: Family, edits: list[PlannedEdit]) -> None:
             if m.path not in sites:
                 raise RecipeError(f"graft.{edit.index}: module {m.path} does not exist in this model")
             old = student.get_submodule(m.path)
+            opts = options
+            if m.units is not None:  # a recorded plan: the same units, whatever the weights now rank first
+                opts = options.model_copy()
+                opts._recorded_units = m.units
             try:
-                new = family.builder(sites[m.path], op)(old, sites[m.path], options)
+                new = family.builder(sites[m.path], op)(old, sites[m.path], opts)
             except ValueError as e:
                 raise RecipeError(f"graft.{edit.index}.options: {m.path}: {e}") from None
             swaps.append((m.path, op.installs, new))
+            if m.units is None and getattr(new, "_dit_graft_units", None) is not None:
+                records.append((m, new._dit_graft_units))
+    for m, units in records:
+        m.units = units
     for path, installs, new in swaps:
         old = student.get_submodule(path)
         if installs == "processor":

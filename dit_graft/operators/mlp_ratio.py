@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 from torch import nn
 
 from dit_graft.operators.base import (
@@ -75,6 +75,7 @@ class UnitImportanceOptions(Options):
     importance: Literal["magnitude", "taylor"] = "magnitude"
     calibration_tokens: int = Field(default=1024, ge=1, le=65536, description="random tokens scored by taylor")
     seed: int = Field(default=0, ge=0, description="seed of the taylor calibration tokens")
+    _recorded_units: dict[str, list[int]] | None = PrivateAttr(default=None)  # set by apply() from a recorded plan
 
 
 class MlpRatioOptions(UnitImportanceOptions):
@@ -119,6 +120,8 @@ def keep_units(ffn: FeedForwardLayout, hidden: int, options: UnitImportanceOptio
     """Indices of the `hidden` most important teacher units, ascending (all of them when not narrowing)."""
     inner = ffn.fc1.out_features
     device = ffn.fc1.weight.device
+    if options._recorded_units is not None:
+        return recorded_units(options._recorded_units["hidden"], min(hidden, inner), inner, device)
     if hidden >= inner:
         return torch.arange(inner, device=device)
     if device.type == "meta":
@@ -128,6 +131,13 @@ def keep_units(ffn: FeedForwardLayout, hidden: int, options: UnitImportanceOptio
     else:
         score = taylor_importance(ffn, options.calibration_tokens, options.seed)
     return score.topk(hidden).indices.sort().values
+
+
+def recorded_units(units: list[int], count: int, inner: int, device: torch.device) -> torch.Tensor:
+    """The unit indices a plan recorded, checked against the count and the teacher's width they must fit."""
+    if len(units) != count or len(set(units)) != count or any(not 0 <= u < inner for u in units):
+        raise ValueError(f"the plan's recorded units ({len(units)}) are not {count} distinct units of {inner}")
+    return torch.tensor(sorted(units), dtype=torch.long, device=device)
 
 
 def resize_feedforward(ffn: FeedForwardLayout, site: Site, hidden: int, options: UnitImportanceOptions) -> FeedForward:
@@ -156,6 +166,8 @@ def resize_feedforward(ffn: FeedForwardLayout, site: Site, hidden: int, options:
     if hidden > inner:
         with torch.no_grad():
             fc2.weight[:, inner:].zero_()
+    if keep.device.type != "meta":  # the plan records them (apply), so a LoRA for the teacher can be sliced
+        new._dit_graft_units = {"hidden": keep.tolist()}
     return new
 
 

@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 
 from dit_graft.operators.base import (
@@ -68,6 +68,7 @@ class MoeOptions(Options):
     router_init: Literal["auto", "zero", "centroid"] = "auto"
     calibration_tokens: int = Field(default=1024, ge=2, le=65536, description="random tokens for coactivation")
     seed: int = Field(default=0, ge=0, description="seed of the coactivation calibration tokens")
+    _recorded_units: dict[str, list[int]] | None = PrivateAttr(default=None)  # set by apply() from a recorded plan
 
     @model_validator(mode="after")
     def _k_within_e(self) -> MoeOptions:
@@ -161,6 +162,10 @@ def partition_units(ffn: FeedForwardLayout, options: MoeOptions) -> tuple[torch.
     shared = round(inner / (options.experts + 1)) if options.shared else 0
     if inner - shared < options.experts:
         raise ValueError(f"{inner} hidden units cannot fill {options.experts} experts (+ {shared} shared)")
+    if options._recorded_units is not None:
+        return _recorded_partition(
+            options._recorded_units, shared, expert_sizes(inner - shared, options.experts), inner, device
+        )
     if device.type == "meta":
         order = torch.arange(inner, device=device)
     else:
@@ -172,6 +177,19 @@ def partition_units(ffn: FeedForwardLayout, options: MoeOptions) -> tuple[torch.
     else:
         runs = [rest[e :: options.experts] for e in range(options.experts)]
     return shared_units, [r.sort().values for r in runs]
+
+
+def _recorded_partition(recorded: dict[str, list[int]], shared: int, sizes: list[int], inner: int, device):
+    """A partition a plan recorded ("shared", "experts.E"), checked to cut the teacher's units as this one would."""
+    names = (["shared"] if shared else []) + [f"experts.{e}" for e in range(len(sizes))]
+    parts = [recorded.get(n, []) for n in names]
+    flat = [u for p in parts for u in p]
+    if set(recorded) != set(names) or [len(p) for p in parts] != ([shared] if shared else []) + list(sizes):
+        raise ValueError(f"the plan's recorded partition ({sorted(recorded)}) does not fit these experts")
+    if len(set(flat)) != inner or any(not 0 <= u < inner for u in flat):
+        raise ValueError(f"the plan's recorded partition does not cover the teacher's {inner} units once each")
+    as_tensor = lambda p: torch.tensor(sorted(p), dtype=torch.long, device=device)
+    return (as_tensor(parts[0]) if shared else None), [as_tensor(p) for p in parts[1 if shared else 0 :]]
 
 
 def _slice_expert(ffn: FeedForwardLayout, units: torch.Tensor, name: str) -> Expert:
@@ -203,7 +221,12 @@ def build_moe(old: nn.Module, site: Site, options: MoeOptions) -> MoeFeedForward
             router.weight.zero_()
     bias = None if ffn.fc2.bias is None else ffn.fc2.bias.detach().clone()
     final = ffn.dropout if ffn.final_dropout else None
-    return MoeFeedForward(router, experts, shared, bias, options.top_k, final)
+    moe = MoeFeedForward(router, experts, shared, bias, options.top_k, final)
+    if w.device.type != "meta":  # the plan records the partition (apply), so a LoRA for the teacher can be split
+        moe._dit_graft_units = {f"experts.{e}": units.tolist() for e, units in enumerate(runs)}
+        if shared_units is not None:
+            moe._dit_graft_units["shared"] = shared_units.tolist()
+    return moe
 
 
 register(
