@@ -226,6 +226,17 @@ def convert(
             "default: the model's native size.",
         ),
     ] = None,
+    device_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--device-memory",
+            help="Device size for the memory plan (80GB, 141GB, 79.6GiB); default: the local GPU's, else 80GB.",
+        ),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Processes (GPUs) for the memory plan; default: WORLD_SIZE, else 1."),
+    ] = None,
 ) -> None:
     """Graft, distil and export a student as the recipe says."""
     from dit_graft.recipe import load_recipe, recipe_dir
@@ -234,7 +245,7 @@ def convert(
     out_dir = out or Path(recipe.export.out)
     pixels = _parse_resolutions(resolution or [])
     if dry_run:
-        _dry_run(recipe, recipe_path, pixels)
+        _dry_run(recipe, recipe_path, pixels, _memory_device(device_memory), processes)
         return
     if pixels:
         raise InputError("--resolution: only with --dry-run (the distillation size is distill.resolution)")
@@ -259,7 +270,7 @@ def _parse_resolutions(values: list[str]) -> list[int]:
     return pixels
 
 
-def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None) -> None:
+def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None, device=None, processes=None) -> None:
     import yaml
 
     from dit_graft.families import family_for
@@ -285,7 +296,50 @@ def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None) -> None
     _print_plan(graft_plan, *costs[0])
     if pixels:
         _print_resolutions(pixels, costs)
+    _print_memory(_memory(model, graft_plan, recipe, device, processes))
     out_console.print(f"dry run: no weights loaded ({time.perf_counter() - t0:.1f}s)")
+
+
+def _memory_device(text: str | None) -> tuple[int, str]:
+    from dit_graft.memory import device_from
+
+    return device_from(text)
+
+
+def _memory(model, graft_plan, recipe, device: tuple[int, str] | None, processes: int | None):
+    from dit_graft.memory import plan_for, processes_from
+
+    return plan_for(model, graft_plan, recipe, device or _memory_device(None), processes_from(processes))
+
+
+def _print_memory(plan) -> None:
+    """The memory plan per device: one row per part, the total against the device, settings that would fit."""
+    from dit_graft.memory import gib
+
+    s = plan.settings
+    title = (
+        f"memory per device: {s.processes} × {s.parallel}, batch {plan.per_device_batch}/device, "
+        f"trainable {s.trainable}, frozen {s.frozen_dtype}, "
+        f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, mixed precision {s.mixed_precision}"
+    )
+    table = Table(title=title)
+    table.add_column("part")
+    table.add_column("bytes", justify="right")
+    for name, n in plan.rows.items():
+        table.add_row(name, gib(n))
+    table.add_row("[bold]total[/bold]", f"[bold]{gib(plan.total)}[/bold]")
+    table.add_row("device", f"{gib(plan.device_bytes)} ({plan.device_name})")
+    out_console.print(table)
+    verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
+    out_console.print(
+        f"memory plan: {gib(plan.total)} of {gib(plan.device_bytes)} per device: {verdict}; "
+        f"{_fmt(plan.shared_params)} frozen parameters shared with the teacher; "
+        f"pool on disk (and in host memory) {gib(plan.pool_disk)}"
+    )
+    for note in plan.notes:
+        out_console.print(f"[yellow]note[/yellow]: {note}")
+    for settings, total in plan.suggestions:
+        out_console.print(f"  would fit ({gib(total)}): {', '.join(settings.overrides(s))}")
 
 
 def _latent_multiple(model) -> int:
@@ -435,11 +489,23 @@ def plan_(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default: runs/plan-<recipe name>).")
     ] = None,
+    device_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--device-memory",
+            help="Device size for the memory plan (80GB, 141GB, 79.6GiB); default: the local GPU's, else 80GB.",
+        ),
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Processes (GPUs) for the memory plan; default: WORLD_SIZE, else 1."),
+    ] = None,
 ) -> None:
     """Resolve a recipe on the real teacher: automatic layers chosen, per-layer sensitivity plotted.
 
-    Writes OUT/recipe.yaml (the recipe with explicit layers, ready for `convert`), and for automatic
-    layers OUT/sensitivity.json and OUT/sensitivity.png (a bar chart per edit, chosen layers in green).
+    Writes OUT/recipe.yaml (the recipe with explicit layers, ready for `convert`), OUT/memory.json (the
+    memory plan per device, as printed), and for automatic layers OUT/sensitivity.json and
+    OUT/sensitivity.png (a bar chart per edit, chosen layers in green).
     """
     import yaml
 
@@ -448,6 +514,7 @@ def plan_(
     from dit_graft.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, set_ or [])
+    device = _memory_device(device_memory)
     out_dir = out or Path("runs") / f"plan-{recipe.name or recipe_path.stem}"
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir}: exists and is not a directory")
@@ -459,7 +526,12 @@ def plan_(
         resolved, selections = _choose_layers(teacher, recipe, work_dir, progress)
     graft_plan = _plan(teacher, resolved)
     _print_plan(graft_plan, _cost(teacher), _cost(apply(teacher, graft_plan)))
-    files = {"recipe.yaml": yaml.safe_dump(resolved.model_dump(), sort_keys=False)}
+    memory = _memory(teacher, graft_plan, resolved, device, processes)
+    _print_memory(memory)
+    files = {
+        "recipe.yaml": yaml.safe_dump(resolved.model_dump(), sort_keys=False),
+        "memory.json": json.dumps(memory.to_json(), indent=1),
+    }
     if selections:
         table = Table(title="per-layer sensitivity (relative output error when grafted alone)")
         for col in ("edit", "layer", "sensitivity", "chosen"):
@@ -696,37 +768,6 @@ def recipes() -> None:
 
     for path in bundled_recipes():
         out_console.print(f"{path}")
-
-
-@app.command("lora")
-def lora_(
-    teacher_lora: Annotated[
-        Path, typer.Argument(metavar="TEACHER_LORA", help="A LoRA trained for the teacher (.safetensors).")
-    ],
-    student: Annotated[Path, typer.Argument(metavar="STUDENT_EXPORT", help="The student's export directory.")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for the student's LoRA and its report.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
-) -> None:
-    """Remap a teacher's LoRA onto a student by its plan; report what carried over exactly."""
-    from dit_graft.lora import remap_export, write_lora
-
-    if out.resolve() in (student.resolve(), teacher_lora.resolve()):
-        raise InputError(f"--out {out}: must differ from the student export and the LoRA file")
-    remap, report = remap_export(teacher_lora, student)
-    path = write_lora(remap, report, out)
-    if as_json:
-        print(json.dumps(report))
-        return
-    out_console.print(
-        f"{report['modules_carried']} of {report['lora_modules']} LoRA modules carried over exactly; "
-        f"parameters {report['params_carried_exactly']} of {report['params_teacher_lora']} "
-        f"({report['params_carried_exactly'] / max(report['params_teacher_lora'], 1):.1%}); "
-        f"update norm {report['update_norm_carried']:.4g} of {report['update_norm_teacher']:.4g} "
-        f"({report['update_norm_share']:.1%})"
-    )
-    for where, why in report["dropped"].items():
-        out_console.print(f"- dropped {where}: {why}")
-    out_console.print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
