@@ -770,6 +770,37 @@ def recipes() -> None:
         out_console.print(f"{path}")
 
 
+@app.command("lora")
+def lora_(
+    teacher_lora: Annotated[
+        Path, typer.Argument(metavar="TEACHER_LORA", help="A LoRA trained for the teacher (.safetensors).")
+    ],
+    student: Annotated[Path, typer.Argument(metavar="STUDENT_EXPORT", help="The student's export directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the student's LoRA and its report.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Remap a teacher's LoRA onto a student by its plan; report what carried over exactly."""
+    from dit_graft.lora import remap_export, write_lora
+
+    if out.resolve() in (student.resolve(), teacher_lora.resolve()):
+        raise InputError(f"--out {out}: must differ from the student export and the LoRA file")
+    remap, report = remap_export(teacher_lora, student)
+    path = write_lora(remap, report, out)
+    if as_json:
+        print(json.dumps(report))
+        return
+    out_console.print(
+        f"{report['modules_carried']} of {report['lora_modules']} LoRA modules carried over exactly; "
+        f"parameters {report['params_carried_exactly']} of {report['params_teacher_lora']} "
+        f"({report['params_carried_exactly'] / max(report['params_teacher_lora'], 1):.1%}); "
+        f"update norm {report['update_norm_carried']:.4g} of {report['update_norm_teacher']:.4g} "
+        f"({report['update_norm_share']:.1%})"
+    )
+    for where, why in report["dropped"].items():
+        out_console.print(f"- dropped {where}: {why}")
+    out_console.print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with distinct exit codes (2 input, 3 integrity, 4 divergence)."""
     try:
