@@ -22,6 +22,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ExpertsSection(Strict):
+    """A teacher made of timestep experts converted by one recipe (Wan2.2 A14B: `transformer`, `transformer_2`).
+
+    Expert i is `model.source`'s subfolder `subfolders[i]`; the first denoises t ≥ boundary · 1000 (high noise),
+    the second t < boundary · 1000, as the pipeline's `boundary_ratio` says. The graft and distill sections apply
+    to each expert, each distilled on its own noise range; the export holds one folder per expert.
+    """
+
+    subfolders: list[str] = Field(min_length=2, max_length=2, description="the experts' subfolders, high noise first")
+    boundary: float = Field(gt=0, lt=1, description="the pipeline's boundary_ratio (A14B T2V: 0.875, I2V: 0.9)")
+
+
 class ModelSection(Strict):
     """Where the teacher comes from."""
 
@@ -32,6 +44,7 @@ class ModelSection(Strict):
         default=None,
         description="config directory (or bundled:configs/NAME) of a single-file FLUX (BFL) or diffusers checkpoint",
     )
+    experts: ExpertsSection | None = Field(default=None, description="timestep experts (Wan2.2 A14B)")
 
 
 class AutoLayers(Strict):

@@ -19,6 +19,7 @@ from dit_graft.families.wan import (
     convert_original_wan_state_dict,
     expert_sigma_range,
     latent_frames,
+    link_experts,
     original_wan_config,
     scheduler,
     tiny_wan,
@@ -256,3 +257,38 @@ def test_tiny_wan_converts_end_to_end_and_runs_in_wan_pipeline(tmp_path, write_r
         output_type="np",
     ).frames
     assert video.shape == (1, 9, 32, 48, 3) and torch.isfinite(torch.from_numpy(video)).all()
+
+
+def test_linked_a14b_experts_sample_as_wan_pipeline_with_transformer_2():
+    from diffusers import WanPipeline
+
+    high, low = tiny_wan(seed=1), tiny_wan(seed=2)
+    link_experts(high, low, 0.875)
+    assert high._dit_graft_sigma_range == (0.875, 1.0) and low._dit_graft_sigma_range == (0.0, 0.875)
+    g = torch.Generator().manual_seed(6)
+    latents = torch.randn(1, 4, 3, 4, 6, generator=g)
+    embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
+    ours = WAN.sample(low, latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0)  # either expert samples the pair
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_tiny_vae(),
+        scheduler=scheduler(),
+        transformer=high,
+        transformer_2=low,
+        boundary_ratio=0.875,
+    )
+    theirs = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
+        latents=latents,
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=4,  # timesteps 1000, 900 (high), 750, 500 (low)
+        guidance_scale=4.0,
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    alone = WAN.sample(tiny_wan(seed=2), latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0)
+    assert not torch.allclose(alone, ours)

@@ -38,6 +38,7 @@ the head width of every released Wan model, unless given).
 from __future__ import annotations
 
 import math
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -348,10 +349,12 @@ class WanFamily(Family):
         null: Conditions | None = None,
     ) -> torch.Tensor:
         """WanPipeline's denoising loop: UniPC (flow sigmas, shift FLOW_SHIFT) on fp32 latents, classifier-free
-        guidance uncond + cfg · (cond − uncond) through the negative caption (`null`; default zero features)."""
+        guidance uncond + cfg · (cond − uncond) through the negative caption (`null`; default zero features).
+        An expert linked by `link_experts` samples with its pair, switching at the boundary as WanPipeline does."""
         sched = scheduler()
         sched.set_timesteps(steps, device=noise.device)
         sched.set_begin_index(0)
+        high, low, boundary = _EXPERTS.get(model, (model, model, 0.0))
         text = cond["prompt_embeds"].to(noise.device)
         if cfg != 1.0:
             neg = (null or self.null_conditions(model))["prompt_embeds"].to(text)
@@ -359,6 +362,7 @@ class WanFamily(Family):
         dtype = next(model.parameters()).dtype
         x = noise.float()
         for t in sched.timesteps:
+            model = high if t >= boundary * NUM_TRAIN_TIMESTEPS else low  # WanPipeline's switch (A14B experts)
             inp = x.to(dtype)
             inp = torch.cat([inp, inp]) if cfg != 1.0 else inp
             timestep = t.expand(inp.shape[0])
@@ -419,6 +423,20 @@ class WanFamily(Family):
         x = torch.randn(batch, *self.latent_shape(model, TINY_LATENT), generator=gen)
         _, t, _ = self.noise(model, x, gen)
         return {"x": x, "t": t, "cond": self.conditions(model, batch)}
+
+
+# expert → (high-noise expert, low-noise expert, boundary): weak keys, so deep copies (students) never copy the pair
+_EXPERTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def link_experts(high: nn.Module, low: nn.Module, boundary: float) -> None:
+    """Makes two A14B experts one teacher: each trains on its own σ range (`noise`) and samples with the pair
+    (`sample`: `high` for t ≥ boundary · 1000, `low` below, WanPipeline's `transformer` / `transformer_2`)."""
+    if not 0 < boundary < 1:
+        raise ValueError(f"the experts' boundary is a fraction of the 1000 timesteps in (0, 1), got {boundary}")
+    for index, model in enumerate((high, low)):
+        model._dit_graft_sigma_range = expert_sigma_range(index, boundary)
+        _EXPERTS[model] = (high, low, boundary)
 
 
 def expert_sigma_range(index: int, boundary: float) -> tuple[float, float]:
