@@ -40,16 +40,10 @@ def _fmt(n: float) -> str:
 
 def _load_teacher(recipe, recipe_path: Path, meta: bool, check_out: Path | None = None):
     """Resolves and loads the recipe's teacher; with `check_out`, first refuses a bad output path."""
-    from dit_graft.loading import load_model, resolve_config, resolve_source
+    from dit_graft.pipeline import load_teacher
     from dit_graft.recipe import recipe_dir
 
-    source = resolve_source(recipe.model.source, recipe_dir(recipe_path))
-    config = resolve_config(recipe.model.config, recipe_dir(recipe_path)) if recipe.model.config else None
-    if check_out is not None:
-        _check_out(check_out, source)
-    return source, load_model(
-        source, recipe.model.subfolder, meta=meta, num_heads=recipe.model.num_heads, config=config
-    )
+    return load_teacher(recipe, recipe_dir(recipe_path), meta=meta, check_out=check_out)
 
 
 def _check_family(model) -> None:
@@ -195,18 +189,6 @@ def _print_plan(graft_plan, before: dict, after: dict) -> None:
     ):
         summary.add_row(name, _fmt(b), _fmt(a), f"{a / b:.3f}" if b else "-")
     out_console.print(summary)
-
-
-def _check_out(out: Path, source) -> None:
-    if isinstance(source, Path):
-        src = source.resolve()
-        o = out.resolve()
-        if o == src or src in o.parents or o in src.parents:
-            raise InputError(f"--out {out}: the output path is the teacher's own path; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "graft.json").is_file():
-        raise InputError(f"--out {out}: exists, is not empty and is not a dit-graft export; refusing to overwrite it")
 
 
 @app.command()
@@ -398,88 +380,33 @@ def _reporter(progress, description: str):
 
 def _choose_layers(teacher, recipe, work_dir: Path, progress):
     """Resolves `layers: {auto: ...}` on the teacher; returns the explicit recipe and the selections."""
-    from dit_graft.autoselect import has_auto, resolve
-    from dit_graft.distill import training_pool
+    from dit_graft.pipeline import choose_layers
 
-    if not has_auto(recipe):
-        return recipe, []
-    pool = training_pool(teacher, recipe.distill, work_dir, _reporter(progress, "teacher samples"))
-    return resolve(teacher, recipe, pool, _reporter(progress, "choose layers"))
+    return choose_layers(teacher, recipe, work_dir, lambda description: _reporter(progress, description))
 
 
 def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
-    from dit_graft.distill import DistillResult, distill, training_pool, write_loss_log
-    from dit_graft.export import export
-    from dit_graft.plan import apply
-    from dit_graft.stage1 import activation_distill, targets
+    """Runs `dit_graft.pipeline.convert` with progress bars and notes (main process only)."""
+    import contextlib
 
-    t0 = time.perf_counter()
-    source, teacher = _load_teacher(recipe, recipe_path, meta=False, check_out=out_dir)
-    _check_family(teacher)
-    work_dir = out_dir.with_name(f".{out_dir.name}.work")
-    if not resume and work_dir.exists():
-        console.print(f"starting fresh: removing {work_dir} (pass --resume to continue from its checkpoints)")
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    cfg = recipe.distill
-    metrics: dict[str, Any] = {}
-    with _progress() as progress:
-        recipe, selections = _choose_layers(teacher, recipe, work_dir, progress)
-        graft_plan = _plan(teacher, recipe)
-        student = apply(teacher, graft_plan)
-        before, after = _cost(teacher), _cost(student)
-        attn_ratio = sum(after["attention_flops"].values()) / max(sum(before["attention_flops"].values()), 1)
-        console.print(
-            f"teacher {recipe.model.source}: {_fmt(before['params'])} params; "
-            f"{sum(len(e.modules) for e in graft_plan.edits)} modules grafted; attention FLOPs ×{attn_ratio:.3f}"
+    from dit_graft.pipeline import convert
+    from dit_graft.recipe import recipe_dir
+    from dit_graft.training import dist
+
+    main = dist.init().main
+    with _progress() if main else contextlib.nullcontext() as progress:
+        done = convert(
+            recipe,
+            out_dir,
+            base_dir=recipe_dir(recipe_path),
+            resume=resume,
+            progress=(lambda description: _reporter(progress, description)) if main else None,
+            log=console.print,
+            cost=_cost,
         )
-        for sel in selections:
-            console.print(f"graft.{sel.edit}: {sel.op} on {sel.group} layers {sel.chosen} (least sensitive)")
-        result = DistillResult()
-        if "activation" in cfg.stages:
-            pool = training_pool(teacher, cfg, work_dir, _reporter(progress, "teacher samples"))
-            stage1 = activation_distill(
-                teacher,
-                student,
-                targets(teacher, student, graft_plan),
-                cfg,
-                pool,
-                work_dir=work_dir,
-                resume=resume,
-                progress=_reporter(progress, "stage 1 (activations)"),
-            )
-            metrics["stage1_relative_error"] = {k: round(v, 6) for k, v in stage1.errors.items()}
-        if "end_to_end" in cfg.stages:
-            pool_report = _reporter(progress, "teacher samples")
-            train_report = _reporter(progress, "distill")
-            result = distill(
-                teacher,
-                student,
-                cfg,
-                work_dir,
-                resume=resume,
-                graft_plan=graft_plan,
-                progress=lambda done, total, loss=None: (pool_report if loss is None else train_report)(
-                    done, total, loss
-                ),
-            )
-    write_loss_log(result.log, work_dir)
-    metrics = {
-        "steps": result.steps,
-        "final_loss": round(result.log[-1]["loss"], 6) if result.log else None,
-        "skipped_steps": result.skipped,
-        **metrics,
-        **({"layer_sensitivity": {f"graft.{s.edit}": s.sensitivity for s in selections}} if selections else {}),
-        "params_teacher": before["params"],
-        "params_student": after["params"],
-        "flops_per_image_teacher": before["flops"],
-        "flops_per_image_student": after["flops"],
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    extra = {n: work_dir / n for n in ("loss.csv", "loss.json", "loss.png") if (work_dir / n).is_file()}
-    export(student, graft_plan, recipe.model_dump(), out_dir, metrics, extra, recipe.export.dtype)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    out_console.print(f"exported {out_dir} in {metrics['seconds']}s (final loss {metrics['final_loss']})")
+    if main:
+        out_console.print(f"exported {out_dir} in {done.metrics['seconds']}s (final loss {done.metrics['final_loss']})")
+    dist.shutdown()
 
 
 @app.command("plan")
@@ -808,8 +735,11 @@ def main(argv: list[str] | None = None) -> None:
     except DitGraftError as e:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        from dit_graft.training import dist
+
+        if dist.ends_together(e):  # several processes: only one of them prints (see dist.ends_together)
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        dist.leave(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted: rerun with --resume to continue from the last checkpoint")
         sys.exit(130)
