@@ -91,7 +91,7 @@ def test_sites_groups_caps_and_depth_group():
         ("blocks.0.attn2", "attention", "cross"),
     ]
     assert sites[0].attention.grid_dims == 3 and sites[0].attention.text == "none"
-    assert sites[2].attention.text == "cross" and sites[2].attention.grid_dims is None
+    assert sites[2].attention.text == "cross" and sites[2].attention.grid_dims == 3  # the queries are the grid
     assert WAN.depth_group(None).attr == "blocks" and WAN.num_layers(model) == 2
     assert type(WAN.stock_processor(sites[0])).__name__ == "WanAttnProcessor"
 
@@ -105,6 +105,8 @@ def test_video_geometry():
     assert video_latent(model, *VIDEO_SIZES["480p×81"]) == (21, 60, 104)  # 21 · 30 · 52 = 32,760 tokens
     assert video_latent(model, *VIDEO_SIZES["720p×81"]) == (21, 90, 160)
     assert video_latent(five, *VIDEO_SIZES["480p×81"]) == (21, 30, 52)  # Wan2.2's VAE: 16× spatially
+    assert WAN.cost_sizes(model) == {"480p×81": (21, 60, 104), "720p×81": (21, 90, 160)}
+    assert WAN.cost_sizes(five) == {"480p×81": (21, 30, 52), "720p×81": (21, 44, 80)}  # 5B's 720p: 704×1280
     assert WAN.latent_shape(model) == (16, 21, 60, 104) and WAN.latent_shape(five) == (48, 21, 30, 52)
     assert WAN.latent_shape(model, 8) == (16, 21, 8, 8) and WAN.latent_shape(model, (3, 4, 6)) == (16, 3, 4, 6)
     with pytest.raises(ValueError, match="multiples of 16×16 px"):

@@ -63,6 +63,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 # (pixel frames, height, width) the dry run costs: Wan's 480p and 720p at 81 frames (5 s at 16 fps)
 VIDEO_SIZES: dict[str, tuple[int, int, int]] = {"480p×81": (81, 480, 832), "720p×81": (81, 720, 1280)}
 DEFAULT_SIZE = "480p×81"
+# Wan2.2-TI2V-5B's 720p is 704×1280 (its VAE × patch needs multiples of 32 px)
+VIDEO_SIZES_16X: dict[str, tuple[int, int, int]] = {"480p×81": (81, 480, 832), "720p×81": (81, 704, 1280)}
 DEFAULT_FRAMES = 81  # an int `resolution` (an image side) gets this many pixel frames
 
 # The UniPC configuration of the Wan-AI/Wan2.1-T2V-*-Diffusers scheduler_config.json.
@@ -112,6 +114,16 @@ def video_latent(model: nn.Module, frames: int, height: int, width: int) -> tupl
     if height % (s * ph) or width % (s * pw):
         raise ValueError(f"{height}×{width} px: Wan takes multiples of {s * ph}×{s * pw} px")
     return latent_frames(frames), height // s, width // s
+
+
+def video_sizes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """The model's 480p and 720p sizes at 81 frames, (frames, height, width) in pixels."""
+    return VIDEO_SIZES_16X if vae_scale(model) == 16 else VIDEO_SIZES
+
+
+def cost_sizes(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Label → (F, H, W) latents a cost report covers by default: 480p and 720p at 81 frames."""
+    return {label: video_latent(model, *size) for label, size in video_sizes(model).items()}
 
 
 def latent_size(model: nn.Module, resolution: Any = None) -> tuple[int, int, int]:
@@ -215,7 +227,7 @@ class WanCrossAttentionAdapter(AttentionAdapter):
     projection, as WanAttnProcessor does. The core sees the caption keys only (layout `context` = 512).
     """
 
-    caps = AttentionCaps(keys=True, grid_dims=None, text="cross")
+    caps = AttentionCaps(keys=True, grid_dims=3, text="cross")
 
     def check(self, attn: nn.Module, op: str) -> None:
         if not getattr(attn, "is_cross_attention", False):
@@ -410,6 +422,10 @@ class WanFamily(Family):
 
     def vae_scale(self, model: nn.Module) -> int:
         return vae_scale(model)
+
+    def cost_sizes(self, model: nn.Module) -> dict[str, tuple[int, int, int]]:
+        """The sizes a dry run costs when no --resolution is given: 480p × 81 and 720p × 81 (latents)."""
+        return cost_sizes(model)
 
     def latent_multiple(self, model: nn.Module) -> int:
         return int(model.config.patch_size[1])
