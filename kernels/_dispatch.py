@@ -1,4 +1,5 @@
-"""Backend choice shared by every kernel: Triton on CUDA, the naive reference elsewhere, an env var forces one."""
+"""Backend choice shared by every kernel: Triton on CUDA, the bounded-memory PyTorch path (`blockwise`) elsewhere,
+the dense reference (`naive`) only when asked; DIT_GRAFT_KERNELS forces one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import torch
 
 BACKEND_ENV_VAR = "DIT_GRAFT_KERNELS"
-BACKENDS = ("triton", "naive")
+BACKENDS = ("triton", "blockwise", "naive")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -42,13 +43,13 @@ def triton_interpreting() -> bool:
 
 
 def use_triton(op: str, *tensors: torch.Tensor, unsupported: str | None = None) -> bool:
-    """Decides the backend for one call of `op`: True for Triton, False for the naive reference.
+    """Decides the backend for one call of `op`: True for Triton, False for a PyTorch path (see pytorch_path).
 
     `unsupported` is the op's reason its Triton kernel cannot take these inputs (None when it can): the automatic
     choice then falls back to the reference, a forced Triton raises it.
     """
     forced = forced_backend()
-    if forced == "naive":
+    if forced in ("naive", "blockwise"):
         return False
     if forced is None:
         on_cuda = all(t.is_cuda and t.dtype in TRITON_DTYPES for t in tensors)
@@ -73,3 +74,9 @@ def check_launchable(op: str, interpreted: bool, *tensors: torch.Tensor) -> None
                 f"{op}: Triton kernels on {t.device} tensors need TRITON_INTERPRET=1 set before triton is first "
                 "imported (anything importing torch._dynamo, diffusers or triton itself may import it)"
             )
+
+
+def pytorch_path() -> str:
+    """The PyTorch path a call not taking Triton runs: `naive` (dense reference) only when DIT_GRAFT_KERNELS=naive,
+    otherwise `blockwise` (bounded memory)."""
+    return "naive" if forced_backend() == "naive" else "blockwise"

@@ -33,16 +33,22 @@ def keep_count(keep: float | int, n_blocks: int) -> int:
 
 
 @torch.no_grad()
-def topk_block_index(q: torch.Tensor, k: torch.Tensor, block: int, keep: float | int) -> torch.Tensor:
-    """Bool map [B, H, n_qblocks, n_kblocks]: per query block, the key blocks whose mean k best match its mean q."""
+def topk_block_index(
+    q: torch.Tensor, k: torch.Tensor, block: int, keep: float | int, *, key_block: int | None = None
+) -> torch.Tensor:
+    """Bool map [B, H, n_qblocks, n_kblocks]: per query block, the key blocks whose mean k best match its mean q.
+
+    Query blocks hold `block` tokens, key blocks `key_block` (default: block); `keep` counts key blocks.
+    """
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(
             f"topk_block_index: q and k must be [B, H, N, d] of one shape, got {tuple(q.shape)} and {tuple(k.shape)}"
         )
-    if block < 1:
-        raise ValueError(f"topk_block_index: block must be positive, got {block}")
+    key_block = block if key_block is None else key_block
+    if block < 1 or key_block < 1:
+        raise ValueError(f"topk_block_index: block and key_block must be positive, got {block} and {key_block}")
     q_pooled = mean_pool_blocks(q, block)  # [B, H, nq, d]
-    k_pooled = mean_pool_blocks(k, block)  # [B, H, nk, d]
+    k_pooled = mean_pool_blocks(k, key_block)  # [B, H, nk, d]
     scores = q_pooled @ k_pooled.transpose(-1, -2)  # [B, H, nq, nk]
     top = scores.topk(keep_count(keep, scores.shape[-1]), dim=-1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)

@@ -7,11 +7,14 @@ import torch.nn.functional as F
 
 
 def feature_map_fn(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Applies the named positive feature map φ elementwise."""
+    """Applies the named non-negative feature map φ: relu and elu1 (ELU + 1) elementwise, softmax over the head dim
+    (SLA's default; the linear_attention kernel itself takes relu and elu1)."""
     if name == "relu":
         return F.relu(x)
     if name == "elu1":
         return F.elu(x) + 1.0
+    if name == "softmax":
+        return torch.softmax(x, dim=-1)
     raise ValueError(f"unknown feature_map {name!r}")
 
 

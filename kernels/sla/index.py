@@ -22,10 +22,18 @@ def _fraction_or_count(name: str, value: float | int, closed_at_one: bool) -> No
 
 @torch.no_grad()
 def sla_block_index(
-    q: torch.Tensor, k: torch.Tensor, block: int, critical: float | int, negligible: float | int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block: int,
+    critical: float | int,
+    negligible: float | int = 0,
+    *,
+    key_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(critical, marginal) bool maps [B, H, n_qblocks, n_kblocks] from mean-pooled q·k block scores.
 
+    Query blocks hold `block` tokens, key blocks `key_block` (default: block); counts and fractions are of the
+    n_kblocks key blocks.
     Per query block, the `critical` best-scoring key blocks (a count, or a fraction rounded up; 0 keeps none) are
     exactly topk_block_index's map; the `negligible` worst-scoring of the others (a count, or a fraction of all
     key blocks rounded down) are skipped; every other key block is marginal. The two maps never overlap. SLA's
@@ -38,23 +46,25 @@ def sla_block_index(
         )
     if q.numel() == 0:
         raise ValueError(f"sla_block_index: q must not be empty, got shape {tuple(q.shape)}")
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"sla_block_index: block must be a positive int, got {block!r}")
+    key_block = block if key_block is None else key_block
+    for name, value in (("block", block), ("key_block", key_block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"sla_block_index: {name} must be a positive int, got {value!r}")
     _fraction_or_count("critical", critical, closed_at_one=True)
     _fraction_or_count("negligible", negligible, closed_at_one=False)
     B, H, N, _ = q.shape
-    n_blocks = math.ceil(N / block)
+    n_qblocks, n_blocks = math.ceil(N / block), math.ceil(N / key_block)
     if critical == 0:
         n_critical = 0
-        critical_map = torch.zeros(B, H, n_blocks, n_blocks, dtype=torch.bool, device=q.device)
+        critical_map = torch.zeros(B, H, n_qblocks, n_blocks, dtype=torch.bool, device=q.device)
     else:
         n_critical = keep_count(critical, n_blocks)
-        critical_map = topk_block_index(q, k, block, critical)
+        critical_map = topk_block_index(q, k, block, critical, key_block=key_block)
     n_negligible = negligible if isinstance(negligible, int) else math.floor(negligible * n_blocks)
     n_negligible = min(n_negligible, n_blocks - n_critical)
     if n_negligible == 0:
         return critical_map, ~critical_map
-    scores = mean_pool_blocks(q, block) @ mean_pool_blocks(k, block).transpose(-1, -2)  # [B, H, nq, nk]
+    scores = mean_pool_blocks(q, block) @ mean_pool_blocks(k, key_block).transpose(-1, -2)  # [B, H, nq, nk]
     # Critical blocks score +inf here, so the bottom n_negligible never reach them.
     bottom = scores.masked_fill(critical_map, float("inf")).topk(n_negligible, dim=-1, largest=False).indices
     negligible_map = torch.zeros_like(critical_map).scatter_(-1, bottom, True)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_qkv, head_dim_over
-from .._dispatch import use_triton
+from .._dispatch import pytorch_path, use_triton
+from ..window.blockwise import window_attention_blockwise
 from .naive import tile_attention_naive
 
 WINDOW_SHAPES = ("square", "circle")
@@ -41,8 +42,9 @@ def tile_attention(
     Tokens are row-major over grid = (h, w), N = h * w: token n sits at (n // w, n % w). Query (y, x) attends to
     key (y', x') when |y' - y| ≤ window and |x' - x| ≤ window ("square", (2 window + 1)² keys inside the grid) or
     when (y' - y)² + (x' - x)² < window² ("circle", CLEAR's window; window ≥ 1 so a token sees itself). Scale
-    1/√d. Triton on CUDA (head dims up to 128), the PyTorch reference elsewhere; DIT_GRAFT_KERNELS=triton|naive
-    forces one.
+    1/√d. Triton on CUDA (head dims up to 128), elsewhere the bounded-memory PyTorch path (window attention's
+    blockwise.py: 8 x 8 query tiles, each with the key box its windows reach); DIT_GRAFT_KERNELS=triton|blockwise|
+    naive forces one (naive: the dense reference). `window_attention` takes float radii, 1-D and 3-D grids too.
     """
     check_qkv("tile_attention", q, k, v)
     _check_grid(q, grid, window, shape)
@@ -50,4 +52,6 @@ def tile_attention(
         from .triton import tile_attention_triton
 
         return tile_attention_triton(q, k, v, tuple(grid), window, shape)
-    return tile_attention_naive(q, k, v, tuple(grid), window, shape)
+    if pytorch_path() == "naive":
+        return tile_attention_naive(q, k, v, tuple(grid), window, shape)
+    return window_attention_blockwise(q, k, v, tuple(grid), window, shape)

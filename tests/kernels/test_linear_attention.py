@@ -157,7 +157,7 @@ def test_dispatch(monkeypatch):
     assert use_triton("op", q) is False
     assert torch.equal(linear_attention(q, q, q), linear_attention_naive(q, q, q))
     monkeypatch.setenv("DIT_GRAFT_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="DIT_GRAFT_KERNELS='cuda' is not one of triton, naive"):
+    with pytest.raises(ValueError, match="DIT_GRAFT_KERNELS='cuda' is not one of triton, blockwise, naive"):
         linear_attention(q, q, q)
 
 

@@ -11,6 +11,7 @@ from dit_graft.kernels import sla_attention, sla_block_index, topk_block_index
 from dit_graft.kernels._dispatch import use_triton
 from dit_graft.kernels.block_sparse.index import mean_pool_blocks
 from dit_graft.kernels.linear_attention.naive import linear_attention_naive
+from dit_graft.kernels.sla.blockwise import sla_attention_blockwise
 from dit_graft.kernels.sla.naive import sla_attention_naive
 from dit_graft.kernels.testing import assert_close
 
@@ -294,7 +295,7 @@ def _bad(**overrides):
         (_bad(block_index_marginal=[[True]]), "block_index_marginal must be a bool tensor"),
         (_bad(block_index_marginal=torch.ones(1, 2, 3, 2, dtype=torch.bool)), r"marginal must be \[B, H, n_qblocks"),
         (_bad(block_index_critical=torch.ones(1, 2, 3, 3, dtype=torch.bool, device="meta")), "critical is on meta"),
-        (_bad(feature_map="softmax"), "feature_map must be one of relu, elu1"),
+        (_bad(feature_map="tanh"), "feature_map must be one of relu, elu1, softmax"),
         (_bad(eps=0.0), "eps must be positive"),
     ],
 )
@@ -307,6 +308,11 @@ def test_dispatch(monkeypatch):
     arguments = _bad()
     monkeypatch.delenv("DIT_GRAFT_KERNELS", raising=False)
     assert use_triton("sla_attention", arguments["q"]) is False
+    # Off CUDA the bounded-memory path runs; DIT_GRAFT_KERNELS=naive forces the dense reference.
+    got = sla_attention(**arguments)
+    want = sla_attention_blockwise(*arguments.values())
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    monkeypatch.setenv("DIT_GRAFT_KERNELS", "naive")
     got = sla_attention(**arguments)
     want = sla_attention_naive(*arguments.values())
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
@@ -319,3 +325,28 @@ def test_forced_triton_refuses_what_it_cannot_run(triton_backend):
     big = torch.randn(1, 2, 40, 130, device=triton_backend)
     with pytest.raises(ValueError, match="head dims up to 128, got 130 and 130"):
         sla_attention(**_bad(q=big, k=big, v=big))
+
+
+@pytest.mark.parametrize(("feature_map", "linear_keys"), [("softmax", "marginal"), ("softmax", "all"), ("elu1", "all")])
+def test_triton_released_variants_match_float64(triton_backend, feature_map, linear_keys):
+    """thu-ml's softmax features (entering the relu kernels as relu(softmax(x))) and a linear part over every key."""
+    q, k, v, dos = _inputs(1, 2, 100, 40, 40, seed=3)
+    critical, marginal = _random_maps(1, 2, 100, 32, seed=3)
+    marginal = None if linear_keys == "all" else marginal
+    ref = _run(sla_attention_naive, q, k, v, dos, torch.float64, "cpu", critical, marginal, 32, feature_map, 1e-5)
+    got = _run(
+        sla_attention,
+        q,
+        k,
+        v,
+        dos,
+        torch.float32,
+        triton_backend,
+        critical,
+        marginal,
+        32,
+        feature_map,
+        1e-5,
+        linear_keys=linear_keys,
+    )
+    _check(ref, got, 1e-4)

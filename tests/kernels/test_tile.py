@@ -11,6 +11,7 @@ from dit_graft.kernels._dispatch import use_triton
 from dit_graft.kernels.testing import assert_close
 from dit_graft.kernels.tile import WINDOW_SHAPES
 from dit_graft.kernels.tile.naive import tile_attention_naive, window_mask
+from dit_graft.kernels.window.blockwise import window_attention_blockwise
 
 # (B, H, grid, d, dv, window, shape): odd grids, one row, one column, a grid narrower than a tile (4 x 16 tiles),
 # grids of several tiles whose windows cross tile edges, a window wider than the grid, head dims 40 and 72, d != dv.
@@ -208,6 +209,9 @@ def test_dispatch(monkeypatch):
     arguments = _bad()
     monkeypatch.delenv("DIT_GRAFT_KERNELS", raising=False)
     assert use_triton("tile_attention", arguments["q"]) is False
+    # Off CUDA the bounded-memory path runs; DIT_GRAFT_KERNELS=naive forces the dense reference.
+    assert torch.equal(tile_attention(**arguments), window_attention_blockwise(*arguments.values()))
+    monkeypatch.setenv("DIT_GRAFT_KERNELS", "naive")
     assert torch.equal(tile_attention(**arguments), tile_attention_naive(*arguments.values()))
 
 
