@@ -147,6 +147,8 @@ def convert(
     `log` receives one-line notes; `cost(model)` (parameters and FLOPs per image, the CLI's) adds the
     teacher's and student's FLOPs to the metrics. Everything the run writes is written by the main process.
     """
+    if recipe.model.experts is not None and teacher is None:
+        return convert_experts(recipe, out, base_dir=base_dir, resume=resume, progress=progress, log=log, cost=cost)
     t0 = time.perf_counter()
     procs = dist.init()
     say = log if (log is not None and procs.main) else (lambda _msg: None)
@@ -246,6 +248,42 @@ def convert(
     if out is not None:
         _write(final, graft_plan, recipe, out, metrics, result.log, work_dir)
     return Conversion(final, graft_plan, recipe, metrics, selections, out, result.log)
+
+
+def convert_experts(recipe: Recipe, out: Path | None, *, base_dir: Path | None = None, **kwargs) -> Conversion:
+    """`model.experts`: every timestep expert (a subfolder of `model.source`) converted by the same recipe.
+
+    The experts are loaded together and their family links them (`link_experts`: each trains on its own noise
+    range; teacher samples come from the pair, switching at the boundary); then each is converted into
+    OUT/<subfolder> (its own work directory, pool and export), and OUT/experts.json records the subfolders and the
+    boundary. Returns the last expert's Conversion, with every expert's metrics under `metrics["experts"]`.
+    """
+    import json
+
+    experts = recipe.model.experts
+    loaded = []
+    for sub in experts.subfolders:
+        one = recipe.model_copy(deep=True)
+        one.model.subfolder, one.model.experts = sub, None
+        _, teacher = load_teacher(one, base_dir, check_out=None if out is None else out / sub)
+        check_family(teacher)
+        loaded.append((sub, one, teacher))
+    family = family_for(loaded[0][2])
+    if not hasattr(family, "link_experts"):
+        raise RecipeError(f"model.experts: the {family.name} family has no timestep experts")
+    try:
+        family.link_experts([teacher for *_, teacher in loaded], experts.boundary)
+    except ValueError as e:
+        raise RecipeError(f"model.experts: {e}") from None
+    done, metrics = None, {}
+    for sub, one, teacher in loaded:
+        done = convert(one, None if out is None else out / sub, base_dir=base_dir, teacher=teacher, **kwargs)
+        metrics[sub] = done.metrics
+    if out is not None and dist.current().main:
+        index = {"subfolders": experts.subfolders, "boundary_ratio": experts.boundary}
+        (out / "experts.json").write_text(json.dumps(index, indent=2) + "\n")
+    done.metrics = {**done.metrics, "experts": metrics}
+    return done
 
 
 def _plan(teacher: nn.Module, recipe: Recipe) -> GraftPlan:

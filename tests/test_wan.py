@@ -294,3 +294,40 @@ def test_linked_a14b_experts_sample_as_wan_pipeline_with_transformer_2():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     alone = WAN.sample(tiny_wan(seed=2), latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0)
     assert not torch.allclose(alone, ours)
+
+
+def test_one_recipe_converts_both_a14b_experts(tmp_path, write_recipe, capsys):
+    from diffusers import WanPipeline
+
+    for sub, seed in (("transformer", 1), ("transformer_2", 2)):
+        tiny_wan(seed=seed).save_pretrained(tmp_path / "teacher" / sub)
+    data = {
+        "model": {
+            "source": str(tmp_path / "teacher"),
+            "experts": {"subfolders": ["transformer", "transformer_2"], "boundary": 0.875},
+        },
+        "graft": [{"site": "mlp", "layers": [0], "op": "mlp_ratio", "options": {"ratio": 0.5}}],
+        "distill": {"steps": 2, "batch_size": 2, "pool_size": 2, "pool_steps": 2, "warmup": 1, "resolution": 32},
+    }
+    code, _, stderr = run_cli(["convert", write_recipe(data), "--out", tmp_path / "student"], capsys)
+    assert code == 0, stderr
+    index = json.loads((tmp_path / "student" / "experts.json").read_text())
+    assert index == {"subfolders": ["transformer", "transformer_2"], "boundary_ratio": 0.875}
+    high, low = (dit_graft.from_pretrained(tmp_path / "student" / sub) for sub in index["subfolders"])
+    assert high.blocks[0].ffn.net[2].in_features == low.blocks[0].ffn.net[2].in_features == 12
+    recipe = json.loads((tmp_path / "student" / "transformer_2" / "graft.json").read_text())["recipe"]
+    assert recipe["model"]["subfolder"] == "transformer_2" and recipe["model"]["experts"] is None
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(), transformer=high,
+        transformer_2=low, boundary_ratio=index["boundary_ratio"],
+    )  # fmt: skip
+    video = pipe(
+        prompt_embeds=torch.randn(1, 512, TINY_WAN["text_dim"]),
+        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
+        height=32,
+        width=48,
+        num_frames=5,
+        num_inference_steps=4,
+        output_type="np",
+    ).frames
+    assert video.shape == (1, 5, 32, 48, 3) and torch.isfinite(torch.from_numpy(video)).all()

@@ -37,6 +37,7 @@ the head width of every released Wan model, unless given).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from functools import lru_cache
@@ -371,20 +372,23 @@ class WanFamily(Family):
         if cfg != 1.0:
             neg = (null or self.null_conditions(model))["prompt_embeds"].to(text)
             text = torch.cat([text, neg.expand_as(text)])
-        dtype = next(model.parameters()).dtype
         x = noise.float()
-        for t in sched.timesteps:
-            model = high if t >= boundary * NUM_TRAIN_TIMESTEPS else low  # WanPipeline's switch (A14B experts)
-            inp = x.to(dtype)
-            inp = torch.cat([inp, inp]) if cfg != 1.0 else inp
-            timestep = t.expand(inp.shape[0])
-            out = model(hidden_states=inp, timestep=timestep, encoder_hidden_states=text.to(dtype), return_dict=False)[
-                0
-            ]
-            if cfg != 1.0:
-                out_c, out_u = out.chunk(2)
-                out = out_u + cfg * (out_c - out_u)
-            x = sched.step(out, t, x, return_dict=False)[0]
+        with _on_device(low if model is high else high, noise.device):  # the partner expert, for the loop
+            for t in sched.timesteps:
+                current = high if t >= boundary * NUM_TRAIN_TIMESTEPS else low  # WanPipeline's switch (A14B)
+                dtype = next(current.parameters()).dtype
+                inp = x.to(dtype)
+                inp = torch.cat([inp, inp]) if cfg != 1.0 else inp
+                out = current(
+                    hidden_states=inp,
+                    timestep=t.expand(inp.shape[0]),
+                    encoder_hidden_states=text.to(dtype),
+                    return_dict=False,
+                )[0]
+                if cfg != 1.0:
+                    out_c, out_u = out.chunk(2)
+                    out = out_u + cfg * (out_c - out_u)
+                x = sched.step(out, t, x, return_dict=False)[0]
         return x
 
     def conditions(self, model: nn.Module, n: int, source: str | None = None) -> Conditions:
@@ -423,6 +427,12 @@ class WanFamily(Family):
     def vae_scale(self, model: nn.Module) -> int:
         return vae_scale(model)
 
+    def link_experts(self, experts: list[nn.Module], boundary: float) -> None:
+        """Timestep experts (Wan2.2 A14B, high noise first) made one teacher; see `link_experts`."""
+        if len(experts) != 2:
+            raise ValueError(f"Wan2.2 A14B has two timestep experts, not {len(experts)}")
+        link_experts(*experts, boundary)
+
     def cost_sizes(self, model: nn.Module) -> dict[str, tuple[int, int, int]]:
         """The sizes a dry run costs when no --resolution is given: 480p × 81 and 720p × 81 (latents)."""
         return cost_sizes(model)
@@ -453,6 +463,20 @@ def link_experts(high: nn.Module, low: nn.Module, boundary: float) -> None:
     for index, model in enumerate((high, low)):
         model._dit_graft_sigma_range = expert_sigma_range(index, boundary)
         _EXPERTS[model] = (high, low, boundary)
+
+
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device: torch.device):
+    """`model` on `device` for the block, back where it was after (an expert whose pair samples on a GPU)."""
+    home = next(model.parameters()).device
+    if home == torch.device(device):
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
 
 
 def expert_sigma_range(index: int, boundary: float) -> tuple[float, float]:
