@@ -341,7 +341,8 @@ def _sdpa_shim(recorder: _Recorder):
     """Replaces F.scaled_dot_product_attention for the measurement (every caller looks it up on F)."""
     original = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        q, k, v = query, key, value  # F's own argument names: diffusers' attention dispatch passes them by keyword
         if enable_gqa and k.shape[-3] != q.shape[-3]:
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
@@ -604,6 +605,8 @@ def plan_memory(
         pool_disk=pool_size * prof.pool_bytes_per_sample,
         per_device_batch=settings.per_device_batch,
     )
+    if not prof.scopes[settings.trainable].trainable:
+        plan.notes.append(f"distill.trainable: {settings.trainable} matches no parameter of this student")
     if settings.batch_size % settings.processes:
         plan.notes.append(
             f"distill.batch_size {settings.batch_size} is not divisible by {settings.processes} processes"
@@ -641,7 +644,7 @@ def search(
         [("ddp", base.processes), ("fsdp", base.processes), *(("fsdp", n) for n in (2, 4, 8) if n > base.processes)],
         batches,
     ):
-        if batch % n or effective % batch:
+        if batch % n or effective % batch or not prof.scopes[scope].trainable:
             continue
         if par == "ddp" and base.parallel == "fsdp" and n == base.processes:
             par = "fsdp"
