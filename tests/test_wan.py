@@ -331,3 +331,22 @@ def test_one_recipe_converts_both_a14b_experts(tmp_path, write_recipe, capsys):
         output_type="np",
     ).frames
     assert video.shape == (1, 5, 32, 48, 3) and torch.isfinite(torch.from_numpy(video)).all()
+
+
+def test_original_single_file_loads_with_its_config_read_off_the_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from dit_graft.loading import load_model
+
+    model = tiny_wan(seed=4)
+    path = tmp_path / "wan2.1_t2v_tiny.safetensors"
+    save_file(
+        {"model.diffusion_model." + k: v.contiguous() for k, v in to_original_wan_state_dict(model).items()}, path
+    )
+    loaded = load_model(path, num_heads=2)
+    assert type(loaded).__name__ == "WanTransformer3DModel" and loaded.config.num_attention_heads == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert load_model(path, num_heads=2, meta=True).blocks[0].attn1.to_q.weight.is_meta
+    with pytest.raises(IntegrityError, match="wan2.1_t2v_tiny.safetensors: width 24 .*set model.num_heads"):
+        load_model(path)
