@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dit_graft.errors import DitGraftError, InputError, RecipeError
+from dit_graft.errors import DitGraftError, InputError, IntegrityError, RecipeError
 
 app = typer.Typer(
     add_completion=False,
@@ -726,6 +726,36 @@ def lora_(
     for where, why in report["dropped"].items():
         out_console.print(f"- dropped {where}: {why}")
     out_console.print(f"wrote {path}")
+
+
+@app.command("verify")
+def verify_(
+    export_dir: Annotated[Path, typer.Argument(metavar="OUT", help="An export directory written by dit-graft.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+) -> None:
+    """Check an export against the checksums and the seeded forward recorded when it was written (exit 3 if not)."""
+    from dit_graft.verify import verify
+
+    report = verify(export_dir)
+    problems = report["problems"]
+    if as_json:
+        print(json.dumps(report))
+    elif not problems:
+        rel = report.get("forward_relative_error")
+        out_console.print(
+            f"ok: {export_dir} — {report.get('family')} {report.get('base_class')} converted from "
+            f"{report.get('teacher')} by dit-graft {report.get('dit_graft_version')}; {report['files_checked']} files "
+            f"match their checksums; the seeded forward matches (relative error {rel:.3g})"
+        )
+        for name in report["files_added"]:
+            out_console.print(f"- not part of the export: {name}")
+    if problems:
+        if not as_json:
+            for p in problems:
+                console.print(f"- {p}", highlight=False, soft_wrap=True)
+        raise IntegrityError(
+            f"{export_dir}: {len(problems)} mismatch(es) with what was recorded at export: {problems[0]}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@
       config.json                          base diffusers class + config
       diffusion_pytorch_model.safetensors  every key of the student, strict
       graft.json                           dit-graft version, resolved recipe, GraftPlan, per-layer operators, metrics
+      verify.safetensors, integrity.json   a seeded forward's inputs and output, every file's sha256 (dit-graft verify)
       README.md                            model card
 
 The directory is written to a temporary sibling and renamed into place, so it is complete or absent.
@@ -76,11 +77,19 @@ def export(
         for name, src in (extra_files or {}).items():
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
+        record_verification(tmp)
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def record_verification(directory: Path) -> None:
+    """The seeded forward and every file's checksum that `dit-graft verify` checks (see dit_graft.verify)."""
+    from dit_graft.verify import record
+
+    record(directory)
 
 
 def model_card(graft_plan: GraftPlan, recipe: dict[str, Any], metrics: dict[str, Any]) -> str:

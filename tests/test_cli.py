@@ -36,9 +36,11 @@ def test_convert_end_to_end_on_a_tiny_model(tmp_path, tiny_dit_dir, write_recipe
         "config.json",
         "diffusion_pytorch_model.safetensors",
         "graft.json",
+        "integrity.json",
         "loss.csv",
         "loss.json",
         "loss.png",
+        "verify.safetensors",
     ]
     graft = json.loads((out / "graft.json").read_text())
     assert graft["metrics"]["steps"] == 4

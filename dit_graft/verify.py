@@ -1,0 +1,256 @@
+"""`dit-graft verify`: an export checked against what was recorded when it was written.
+
+At export time (`record`, called by `dit_graft.export.export` on the finished temporary directory):
+
+    verify.safetensors   the inputs of one seeded forward (the family's example inputs at a small latent
+                         size, hidden states and text drawn from a seeded generator) and the output the
+                         export, reloaded by `from_pretrained` on the CPU, gives for them
+    graft.json           "verify": the seed, the latent size, the input layout, the device and dtype
+    integrity.json       sha256 and size of every other file of the export (graft.json included)
+
+`verify(path)` reloads the export and reports every mismatch: a missing, truncated or edited file
+(sizes and hashes), a graft.json written by a newer dit-graft or whose plan does not validate, a config
+whose class is not the plan's, weights that do not fit the plan (a strict reload: every key, every
+shape), and a seeded forward that no longer gives the recorded output. It names the teacher the export
+came from. Files added after the export are listed but are not a mismatch.
+
+The forward runs on the CPU in the export's dtype; reruns on the same machine are bitwise, so the
+tolerance (relative error 1e-5 for float32, 2e-2 for 16-bit exports) only absorbs other CPUs' kernels.
+Reloading costs a second copy of the model in host memory at export time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dit_graft import __version__
+from dit_graft.errors import IntegrityError
+
+VERIFY_NAME = "verify.safetensors"
+INTEGRITY_NAME = "integrity.json"
+SEED = 0
+MAX_LATENT = 32  # latent size of the recorded forward (smaller models use their own)
+RANDOM_INPUTS = ("hidden_states", "pooled_projections", "encoder_hidden_states_image")
+TOLERANCE = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != INTEGRITY_NAME
+    )
+
+
+def seeded_inputs(model, seed: int = SEED) -> tuple[dict[str, Any], int | None]:
+    """The family's example inputs at a small latent size, with hidden states and text drawn from `seed`."""
+    from dit_graft.families import family_for
+
+    family = family_for(model)
+    size = family.latent_shape(model)[-1]
+    resolution = None if size <= MAX_LATENT else MAX_LATENT
+    inputs = family.example_inputs(model, 1, resolution, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+
+    def fill(name: str, value):
+        if isinstance(value, dict):
+            return {k: fill(f"{name}.{k}", v) for k, v in value.items()}
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.is_floating_point() and any(w in name for w in RANDOM_INPUTS):
+            return torch.randn(value.shape, generator=gen).to(value.dtype)
+        if name == "timestep":  # mid-trajectory: 500 of 1000 steps, or σ = 0.5 for flow models
+            return torch.full_like(value, 0.5 if value.is_floating_point() else 500)
+        return value
+
+    return {k: fill(k, v) for k, v in inputs.items()}, resolution
+
+
+def _flatten(inputs: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(layout, tensors): the layout is JSON ("tensor" where a tensor goes), the tensors keyed input.<path>."""
+    layout, tensors = {}, {}
+    for k, v in inputs.items():
+        if isinstance(v, dict):
+            layout[k], sub = _flatten(v, f"{prefix}{k}.")
+            tensors.update(sub)
+        elif isinstance(v, torch.Tensor):
+            layout[k] = "tensor"
+            tensors[f"input.{prefix}{k}"] = v.detach().cpu().contiguous()
+        else:
+            layout[k] = {"value": v}
+    return layout, tensors
+
+
+def _unflatten(layout: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in layout.items():
+        if v == "tensor":
+            out[k] = tensors[f"input.{prefix}{k}"]
+        elif isinstance(v, dict) and set(v) == {"value"}:
+            out[k] = v["value"]
+        else:
+            out[k] = _unflatten(v, tensors, f"{prefix}{k}.")
+    return out
+
+
+def _forward(model, inputs: dict[str, Any]) -> torch.Tensor:
+    dtype = next(model.parameters()).dtype
+    cast = lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    inputs = {
+        k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict) else cast(v)) for k, v in inputs.items()
+    }
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    return out.float()
+
+
+def record(directory: Path) -> None:
+    """Records the seeded forward and every file's checksum in a finished export directory (before it is committed)."""
+    from dit_graft.export import GRAFT_JSON, from_pretrained
+
+    directory = Path(directory)
+    model = from_pretrained(directory, "cpu")
+    inputs, resolution = seeded_inputs(model)
+    output = _forward(model, inputs)
+    del model
+    layout, tensors = _flatten(inputs)
+    save_file({**tensors, "output": output.contiguous()}, str(directory / VERIFY_NAME), metadata={"format": "pt"})
+    graft_file = directory / GRAFT_JSON
+    graft = json.loads(graft_file.read_text())
+    graft["verify"] = {
+        "file": VERIFY_NAME,
+        "seed": SEED,
+        "latent_size": resolution,
+        "inputs": layout,
+        "device": "cpu",
+        "torch": torch.__version__,
+    }
+    graft_file.write_text(json.dumps(graft, indent=2))
+    files = {
+        name: {"sha256": sha256(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in _files(directory)
+    }
+    (directory / INTEGRITY_NAME).write_text(json.dumps({"dit_graft_version": __version__, "files": files}, indent=2))
+
+
+def _version(v: str) -> tuple:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (Version(v),)
+    except InvalidVersion:
+        return ()
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Checks an export against its records; the report lists `problems` (empty: everything matches)."""
+    from dit_graft.export import GRAFT_JSON
+    from dit_graft.plan import GraftPlan
+
+    path = Path(path)
+    if not path.is_dir():
+        raise IntegrityError(f"{path}: no such export directory")
+    problems: list[str] = []
+    report: dict[str, Any] = {"export": str(path), "problems": problems}
+    manifest_file = path / INTEGRITY_NAME
+    if not manifest_file.is_file():
+        raise IntegrityError(
+            f"{path}: no {INTEGRITY_NAME} (not a dit-graft export, or exported before checksums were recorded)"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        recorded = manifest["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise IntegrityError(f"{manifest_file}: unreadable ({e})") from None
+    for name, entry in sorted(recorded.items()):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name}: missing")
+        elif f.stat().st_size != entry["bytes"]:
+            change = "truncated" if f.stat().st_size < entry["bytes"] else "size changed"
+            problems.append(f"{name}: {change} ({f.stat().st_size} bytes, {entry['bytes']} recorded)")
+        elif sha256(f) != entry["sha256"]:
+            problems.append(f"{name}: contents changed (sha256 differs from the recorded one)")
+    report["files_checked"] = len(recorded)
+    report["files_added"] = [n for n in _files(path) if n not in recorded]
+
+    graft = None
+    try:
+        graft = json.loads((path / GRAFT_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        problems.append(f"{GRAFT_JSON}: unreadable ({e})")
+    if graft is not None:
+        written = str(graft.get("dit_graft_version", ""))
+        report["dit_graft_version"] = written
+        report["teacher"] = graft.get("recipe", {}).get("model", {}).get("source")
+        report["dtype"] = graft.get("dtype", "float32")
+        if not _version(written):
+            problems.append(f"{GRAFT_JSON}: no valid dit_graft_version ({written!r})")
+        elif _version(written) > _version(__version__):
+            problems.append(f"{GRAFT_JSON}: written by dit-graft {written}, newer than the installed {__version__}")
+        try:
+            graft_plan = GraftPlan.model_validate(graft["plan"])
+            report["family"], report["base_class"] = graft_plan.family, graft_plan.base_class
+            config = json.loads((path / "config.json").read_text())
+            if config.get("_class_name") != graft_plan.base_class:
+                problems.append(
+                    f"config.json: class {config.get('_class_name')!r}, the plan's is {graft_plan.base_class!r}"
+                )
+        except (KeyError, ValueError, OSError) as e:
+            problems.append(f"{GRAFT_JSON}/config.json: does not describe this export ({str(e).splitlines()[0]})")
+
+    if graft is not None:
+        _check_forward(path, graft, problems, report)
+    return report
+
+
+def _check_forward(path: Path, graft: dict, problems: list[str], report: dict[str, Any]) -> None:
+    """Reloads the export (strictly, against its plan) and reruns the recorded forward."""
+    from dit_graft.export import from_pretrained
+
+    spec = graft.get("verify")
+    if spec is None:
+        problems.append("graft.json: no recorded forward (verify)")
+        return
+    try:
+        model = from_pretrained(path, "cpu")
+    except IntegrityError as e:
+        problems.append(f"reload: {e}")
+        return
+    except Exception as e:  # a config the class rejects, a plan that does not apply
+        problems.append(f"reload: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return
+    try:
+        with safe_open(str(path / spec["file"]), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        inputs = _unflatten(spec["inputs"], tensors)
+        expected = tensors["output"]
+    except Exception as e:
+        problems.append(f"{spec.get('file', VERIFY_NAME)}: unreadable ({str(e).splitlines()[0]})")
+        return
+    try:
+        output = _forward(model, inputs)
+    except Exception as e:
+        problems.append(f"forward: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return
+    if output.shape != expected.shape:
+        problems.append(f"forward: output shape {tuple(output.shape)}, recorded {tuple(expected.shape)}")
+        return
+    rel = ((output - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    report["forward_relative_error"] = rel
+    tol = TOLERANCE.get(report.get("dtype", "float32"), 1e-4)
+    if not rel <= tol:
+        problems.append(f"forward: output differs from the recorded one (relative error {rel:.3g} > {tol:g})")
