@@ -90,3 +90,41 @@ def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     if n == length:
         return x
     return torch.nn.functional.pad(x, (0, 0, 0, length - n))
+
+
+def text_rows(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, text: int, scale: float) -> list[torch.Tensor]:
+    """Dense attention of the first `text` query rows of qf [BH, L, d] over every key, in chunks of rows."""
+    if text == 0:
+        return []
+
+    def dense(start: int, stop: int, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
+        return attend(qf[:, start:stop], kf, vf, None, scale)
+
+    return run_chunks(dense, text, chunk_size(text, qf.shape[0] * kf.shape[1]), qf, kf, vf)
+
+
+def with_text_keys(
+    keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prepends the text keys kt, vt [BH, T, ·] (always visible) to gathered keys [BH, c, L, ·] and their mask.
+
+    mask broadcasts to [BH, c, M, L]; the returned one to [BH, c, M, T + L].
+    """
+    T = kt.shape[1]
+    if T == 0:
+        return keys, values, mask
+    BH, c = keys.shape[:2]
+    keys = torch.cat([kt[:, None].expand(BH, c, T, kt.shape[-1]), keys], dim=2)
+    values = torch.cat([vt[:, None].expand(BH, c, T, vt.shape[-1]), values], dim=2)
+    visible = torch.ones(*mask.shape[:-1], T, dtype=torch.bool, device=mask.device)
+    return keys, values, torch.cat([visible, mask], dim=-1)
+
+
+def text_prefix_mask(image: torch.Tensor, text: int) -> torch.Tensor:
+    """The (..., T + N, T + N) mask of an (..., N, N) image-pair mask under CLEAR's rule: text rows and columns
+    dense (the references' form of a text prefix)."""
+    if text == 0:
+        return image
+    mask = image.new_ones(*image.shape[:-2], text + image.shape[-2], text + image.shape[-1])
+    mask[..., text:, text:] = image
+    return mask

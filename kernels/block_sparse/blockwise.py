@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .._blockwise import attend, chunk_size, compute_dtype, n_blocks, pad_tokens, run_chunks
+from .._blockwise import (
+    attend,
+    chunk_size,
+    compute_dtype,
+    n_blocks,
+    pad_tokens,
+    run_chunks,
+    text_rows,
+    with_text_keys,
+)
 
 
 def block_sparse_attention_blockwise(
@@ -20,13 +29,17 @@ def block_sparse_attention_blockwise(
     block_index: torch.Tensor,
     block: int = 64,
     key_block: int | None = None,
+    text: int = 0,
 ) -> torch.Tensor:
     """softmax(q kᵀ / √d) v over the kept key blocks, in fp32 (float64 stays float64); rows keeping none give zeros.
 
-    block_index is bool [B, H, ceil(N / block), ceil(N / key_block)]; key_block defaults to block.
+    block_index is bool [B, H, ceil(N / block), ceil(N / key_block)]; key_block defaults to block. With text = T > 0
+    the first T tokens are a text prefix (CLEAR's rule): the blocks cut the N tokens after it, text queries see
+    every key and every query sees the text keys.
     """
     key_block = key_block or block
-    B, H, N, D = q.shape
+    B, H, length, D = q.shape
+    N = length - text
     DV = v.shape[-1]
     BH = B * H
     dtype = compute_dtype(q)
@@ -41,18 +54,24 @@ def block_sparse_attention_blockwise(
     rows = torch.arange(BH, device=q.device)[:, None, None]
     scale = D**-0.5
 
-    qb = pad_tokens(q.to(dtype), nq * block).reshape(BH, nq, block, D)
-    kb = pad_tokens(k.to(dtype), nk * key_block).reshape(BH, nk, key_block, D)
-    vb = pad_tokens(v.to(dtype), nk * key_block).reshape(BH, nk, key_block, DV)
+    qf = q.to(dtype).reshape(BH, length, D)
+    kf = k.to(dtype).reshape(BH, length, D)
+    vf = v.to(dtype).reshape(BH, length, DV)
+    qb = pad_tokens(qf[:, text:], nq * block).reshape(BH, nq, block, D)
+    kb = pad_tokens(kf[:, text:], nk * key_block).reshape(BH, nk, key_block, D)
+    vb = pad_tokens(vf[:, text:], nk * key_block).reshape(BH, nk, key_block, DV)
 
-    def chunk(start: int, stop: int, qb: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+    def chunk(start, stop, qb, kb, vb, kf, vf):
         c = stop - start
         index = order[:, start:stop]  # [BH, c, width]
         keys = kb[rows, index].reshape(BH, c, width * key_block, D)
         values = vb[rows, index].reshape(BH, c, width * key_block, DV)
         mask = (slot_ok[:, start:stop, :, None] & token_ok[index]).reshape(BH, c, 1, width * key_block)
+        keys, values, mask = with_text_keys(keys, values, mask, kf[:, :text], vf[:, :text])
         return attend(qb[:, start:stop], keys, values, mask, scale)  # [BH, c, block, DV]
 
-    step = chunk_size(nq, BH * block * width * key_block)
-    o = torch.cat(run_chunks(chunk, nq, step, qb, kb, vb), dim=1)  # [BH, nq, block, DV]
-    return o.reshape(B, H, nq * block, DV)[:, :, :N].to(q.dtype)
+    step = chunk_size(nq, BH * block * (text + width * key_block))
+    o = torch.cat(run_chunks(chunk, nq, step, qb, kb, vb, kf, vf), dim=1)  # [BH, nq, block, DV]
+    o = o.reshape(BH, nq * block, DV)[:, :N]
+    o = torch.cat([*text_rows(qf, kf, vf, text, scale), o], dim=1) if text else o
+    return o.reshape(B, H, length, DV).to(q.dtype)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .._blockwise import attend, chunk_size, compute_dtype, pad_tokens, run_chunks
+from .._blockwise import attend, chunk_size, compute_dtype, pad_tokens, run_chunks, text_rows, with_text_keys
 
 
 def frame_tile_attention_blockwise(
@@ -23,9 +23,14 @@ def frame_tile_attention_blockwise(
     grid: tuple[int, int, int],
     group: int = 1,
     global_frames: int = 1,
+    text: int = 0,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v over the frames each query's frame sees, in fp32 (float64 stays float64)."""
-    B, H, N, D = q.shape
+    """softmax(q kᵀ / √d) v over the frames each query's frame sees, in fp32 (float64 stays float64).
+
+    With text = T > 0 the first T tokens are a text prefix (CLEAR's rule): text queries see every key, every query
+    sees the text keys.
+    """
+    B, H, length, D = q.shape
     DV = v.shape[-1]
     BH = B * H
     dtype = compute_dtype(q)
@@ -33,36 +38,29 @@ def frame_tile_attention_blockwise(
     S = h * w
     G = min(global_frames, frames)
     scale = D**-0.5
-    qf, kf, vf = q.to(dtype).reshape(BH, N, D), k.to(dtype).reshape(BH, N, D), v.to(dtype).reshape(BH, N, DV)
-    parts = []
-
-    if G > 0:  # global frames' queries: every key
-        rows = G * S
-
-        def dense(start: int, stop: int, qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
-            return attend(qf[:, start:stop], kf, vf, None, scale)
-
-        parts += run_chunks(dense, rows, chunk_size(rows, BH * N), qf, kf, vf)
+    qf = q.to(dtype).reshape(BH, length, D)
+    kf = k.to(dtype).reshape(BH, length, D)
+    vf = v.to(dtype).reshape(BH, length, DV)
+    # Text queries and the global frames' queries (the first text + G·S rows) see every key.
+    parts = text_rows(qf, kf, vf, text + G * S, scale)
+    # Keys every other query sees: the text, then the global frames (contiguous, right after the text).
+    seen = text + G * S
 
     rest = frames - G
     if rest > 0:  # the other frames, a group at a time: global keys + the group's keys
         n_groups = math.ceil(rest / group)
         span = group * S
-        qg = pad_tokens(qf[:, G * S :], n_groups * span).reshape(BH, n_groups, span, D)
-        kg = pad_tokens(kf[:, G * S :], n_groups * span).reshape(BH, n_groups, span, D)
-        vg = pad_tokens(vf[:, G * S :], n_groups * span).reshape(BH, n_groups, span, DV)
+        qg = pad_tokens(qf[:, seen:], n_groups * span).reshape(BH, n_groups, span, D)
+        kg = pad_tokens(kf[:, seen:], n_groups * span).reshape(BH, n_groups, span, D)
+        vg = pad_tokens(vf[:, seen:], n_groups * span).reshape(BH, n_groups, span, DV)
         own_ok = (torch.arange(n_groups * span, device=q.device) < rest * S).view(n_groups, span)
-        global_ok = torch.ones(n_groups, G * S, dtype=torch.bool, device=q.device)
-        key_ok = torch.cat([global_ok, own_ok], dim=1)  # [n_groups, (G + group) · S]
 
         def grouped(start, stop, qg, kg, vg, kf, vf):
-            c = stop - start
-            keys = torch.cat([kf[:, None, : G * S].expand(BH, c, G * S, D), kg[:, start:stop]], dim=2)
-            values = torch.cat([vf[:, None, : G * S].expand(BH, c, G * S, DV), vg[:, start:stop]], dim=2)
-            mask = key_ok[start:stop, None, :]  # [c, 1, (G + group) · S]
+            mask = own_ok[start:stop, None, :]  # [c, 1, span]
+            keys, values, mask = with_text_keys(kg[:, start:stop], vg[:, start:stop], mask, kf[:, :seen], vf[:, :seen])
             return attend(qg[:, start:stop], keys, values, mask, scale)  # [BH, c, span, DV]
 
-        step = chunk_size(n_groups, BH * span * (G + group) * S)
+        step = chunk_size(n_groups, BH * span * (seen + span))
         o = torch.cat(run_chunks(grouped, n_groups, step, qg, kg, vg, kf, vf), dim=1)
         parts.append(o.reshape(BH, n_groups * span, DV)[:, : rest * S])
-    return torch.cat(parts, dim=1).reshape(B, H, N, DV).to(q.dtype)
+    return torch.cat(parts, dim=1).reshape(B, H, length, DV).to(q.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._blockwise import text_prefix_mask
+
 
 def frame_pattern(frames: int, group: int, global_frames: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[frames, frames] bool: True where query frame f sees key frame f'.
@@ -34,12 +36,15 @@ def frame_tile_attention_naive(
     grid: tuple[int, int, int],
     group: int = 1,
     global_frames: int = 1,
+    text: int = 0,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v over the frames each query's frame sees, in fp32 (float64 stays float64)."""
+    """softmax(q kᵀ / √d) v over the frames each query's frame sees, in fp32 (float64 stays float64); a T-token
+    text prefix (text = T) keeps its rows and columns dense."""
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5
     scores = torch.einsum("bhid,bhjd->bhij", q.to(compute_dtype), k.to(compute_dtype)) * scale  # [B, H, N, N]
     # Every frame sees itself, so no row is empty.
-    scores = scores.masked_fill(~frame_tile_mask(tuple(grid), group, global_frames, q.device), float("-inf"))
+    mask = text_prefix_mask(frame_tile_mask(tuple(grid), group, global_frames, q.device), text)
+    scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     return torch.einsum("bhij,bhje->bhie", weights, v.to(compute_dtype)).to(q.dtype)

@@ -25,7 +25,9 @@ LINEAR_KEYS = ("marginal", "all")
 __all__ = ["LINEAR_KEYS", "SLA_FEATURE_MAPS", "sla_attention", "sla_block_index"]
 
 
-def _check_block_map(name: str, q: torch.Tensor, block_map: torch.Tensor, block: int, key_block: int) -> None:
+def _check_block_map(
+    name: str, q: torch.Tensor, block_map: torch.Tensor, block: int, key_block: int, text: int = 0
+) -> None:
     """Raises ValueError unless block_map is a bool [B, H, n_qblocks, n_kblocks] map for q's N and these blocks."""
     if not isinstance(block_map, torch.Tensor) or block_map.dtype != torch.bool:
         got = block_map.dtype if isinstance(block_map, torch.Tensor) else type(block_map).__name__
@@ -33,17 +35,21 @@ def _check_block_map(name: str, q: torch.Tensor, block_map: torch.Tensor, block:
     if block_map.device != q.device:
         raise ValueError(f"sla_attention: {name} is on {block_map.device}, q on {q.device}")
     B, H, N, _ = q.shape
+    N -= text
     expected = (B, H, math.ceil(N / block), math.ceil(N / key_block))
     if block_map.shape != expected:
         blocks = f"block={block}" if key_block == block else f"block={block}, key_block={key_block}"
+        tokens = f"N={N}" if not text else f"N={N} after {text} text tokens"
         raise ValueError(
             f"sla_attention: {name} must be [B, H, n_qblocks, n_kblocks] = {expected} "
-            f"for N={N}, {blocks}, got {tuple(block_map.shape)}"
+            f"for {tokens}, {blocks}, got {tuple(block_map.shape)}"
         )
 
 
-def triton_gap(q: torch.Tensor, v: torch.Tensor, block: int, key_block: int) -> str | None:
+def triton_gap(q: torch.Tensor, v: torch.Tensor, block: int, key_block: int, text: int = 0) -> str | None:
     """Why the Triton kernels cannot run this call (None when they can)."""
+    if text:
+        return "the Triton kernels take no text prefix"
     if key_block != block:
         return f"the Triton kernels take one block size for queries and keys, got block={block}, key_block={key_block}"
     return head_dim_over(MAX_TRITON_HEAD_DIM, q, v)
@@ -78,6 +84,7 @@ def sla_attention(
     *,
     key_block: int | None = None,
     linear_keys: str = "marginal",
+    text: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o_sparse, o_linear), each [B, H, N, dv] in q's dtype, from q, k [B, H, N, d] and v [B, H, N, dv].
 
@@ -86,7 +93,9 @@ def sla_attention(
     it has none), or over every key with linear_keys="all" (the marginal map is then ignored and may be None).
     φ is relu, elu1 (ELU + 1) or softmax over the head dim. Query blocks hold `block` tokens, key blocks
     `key_block` (default: block); the maps are bool [B, H, ceil(N / block), ceil(N / key_block)], e.g. from
-    sla_block_index; each part reads only its own map, so a block in both maps counts in both. The parts come back
+    sla_block_index; each part reads only its own map, so a block in both maps counts in both. text = T > 0: the
+    blocks cut the N − T tokens after a T-token text prefix; the sparse part keeps text rows and columns dense
+    (CLEAR's rule), the linear part covers the grid tokens only (zeros on the text rows). The parts come back
     separately so that the caller applies its own (zero-initialised) proj_l: out = o_sparse + proj_l(o_linear).
     Triton on CUDA (head dims up to 128, one block size: key_block ≠ block takes the PyTorch path, and a forced
     Triton backend raises saying so), elsewhere the bounded-memory PyTorch path (blockwise.py);
@@ -98,13 +107,15 @@ def sla_attention(
         raise ValueError(f"sla_attention: block must be one of {BLOCK_SIZES}, got {block!r}")
     if isinstance(key_block, bool) or key_block not in BLOCK_SIZES:
         raise ValueError(f"sla_attention: key_block must be one of {BLOCK_SIZES}, got {key_block!r}")
+    if isinstance(text, bool) or not isinstance(text, int) or not 0 <= text < q.shape[2]:
+        raise ValueError(f"sla_attention: text must be an int in [0, N={q.shape[2]}), got {text!r}")
     if linear_keys not in LINEAR_KEYS:
         raise ValueError(f"sla_attention: linear_keys must be one of {', '.join(LINEAR_KEYS)}, got {linear_keys!r}")
-    _check_block_map("block_index_critical", q, block_index_critical, block, key_block)
+    _check_block_map("block_index_critical", q, block_index_critical, block, key_block, text)
     if linear_keys == "all":
         block_index_marginal = None
     else:
-        _check_block_map("block_index_marginal", q, block_index_marginal, block, key_block)
+        _check_block_map("block_index_marginal", q, block_index_marginal, block, key_block, text)
     if feature_map not in SLA_FEATURE_MAPS:
         raise ValueError(
             f"sla_attention: feature_map must be one of {', '.join(SLA_FEATURE_MAPS)}, got {feature_map!r}"
@@ -112,8 +123,8 @@ def sla_attention(
     if not eps > 0:
         raise ValueError(f"sla_attention: eps must be positive, got {eps}")
     args = (q, k, v, block_index_critical, block_index_marginal, block, feature_map, eps)
-    if use_triton("sla_attention", q, k, v, unsupported=triton_gap(q, v, block, key_block)):
+    if use_triton("sla_attention", q, k, v, unsupported=triton_gap(q, v, block, key_block, text)):
         return _sla_triton(*args)
     if pytorch_path() == "naive":
-        return sla_attention_naive(*args, key_block)
-    return sla_attention_blockwise(*args, key_block)
+        return sla_attention_naive(*args, key_block, text)
+    return sla_attention_blockwise(*args, key_block, text)

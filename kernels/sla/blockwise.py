@@ -75,8 +75,15 @@ def sla_attention_blockwise(
     feature_map: str = "relu",
     eps: float = 1e-6,
     key_block: int | None = None,
+    text: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o_sparse, o_linear) in bounded memory: gathered critical blocks, per-block linear states."""
-    o_sparse = block_sparse_attention_blockwise(q, k, v, block_index_critical, block, key_block)
-    o_linear = marginal_linear_attention_blockwise(q, k, v, block_index_marginal, block, feature_map, eps, key_block)
+    """(o_sparse, o_linear) in bounded memory: gathered critical blocks, per-block linear states (a T-token text
+    prefix as in naive.py: dense text rows and columns in the sparse part, zeros on text rows in the linear part)."""
+    o_sparse = block_sparse_attention_blockwise(q, k, v, block_index_critical, block, key_block, text)
+    t = text
+    o_linear = marginal_linear_attention_blockwise(
+        q[:, :, t:], k[:, :, t:], v[:, :, t:], block_index_marginal, block, feature_map, eps, key_block
+    )
+    if t:
+        o_linear = torch.cat([o_linear.new_zeros(*o_linear.shape[:2], t, o_linear.shape[-1]), o_linear], dim=2)
     return o_sparse, o_linear

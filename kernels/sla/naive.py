@@ -44,9 +44,19 @@ def sla_attention_naive(
     feature_map: str = "relu",
     eps: float = 1e-6,
     key_block: int | None = None,
+    text: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o_sparse, o_linear): softmax attention over the critical blocks, linear attention over the marginal ones
-    (over every key when the marginal map is None)."""
-    o_sparse = block_sparse_attention_naive(q, k, v, block_index_critical, block, key_block)
-    o_linear = marginal_linear_attention_naive(q, k, v, block_index_marginal, block, feature_map, eps, key_block)
+    (over every key when the marginal map is None).
+
+    With a T-token text prefix (text = T) the blocks cut the tokens after it; the sparse part keeps the text rows
+    and columns dense (CLEAR's rule) and the linear part covers grid queries and keys only (zeros on text rows).
+    """
+    o_sparse = block_sparse_attention_naive(q, k, v, block_index_critical, block, key_block, text)
+    t = text
+    o_linear = marginal_linear_attention_naive(
+        q[:, :, t:], k[:, :, t:], v[:, :, t:], block_index_marginal, block, feature_map, eps, key_block
+    )
+    if t:
+        o_linear = torch.cat([o_linear.new_zeros(*o_linear.shape[:2], t, o_linear.shape[-1]), o_linear], dim=2)
     return o_sparse, o_linear

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .._blockwise import attend, chunk_size, compute_dtype, run_chunks
+from .._blockwise import attend, chunk_size, compute_dtype, run_chunks, text_rows, with_text_keys
 from .naive import offsets_inside
 
 
@@ -64,9 +64,15 @@ def window_attention_blockwise(
     radius: float,
     shape: str = "square",
     temporal_radius: int | None = None,
+    text: int = 0,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v over each query's window on the row-major grid, in fp32 (float64 stays float64)."""
-    B, H, N, D = q.shape
+    """softmax(q kᵀ / √d) v over each query's window on the row-major grid, in fp32 (float64 stays float64).
+
+    With text = T > 0 the first T tokens are a text prefix (CLEAR's rule): text queries see every key, grid queries
+    every text key plus their window.
+    """
+    B, H, length, D = q.shape
+    N = length - text
     DV = v.shape[-1]
     BH = B * H
     dtype = compute_dtype(q)
@@ -123,17 +129,19 @@ def window_attention_blockwise(
         order = [0, *range(1, 2 * dims, 2), *range(2, 2 * dims + 1, 2), 2 * dims + 1]
         return x.reshape(*split, width).permute(order).reshape(BH, n_tiles, Q, width)
 
-    qt = to_tiles(q, D)
-    kf = k.to(dtype).reshape(BH, N, D)
-    vf = v.to(dtype).reshape(BH, N, DV)
+    qt = to_tiles(q[:, :, text:], D)
+    qf = q.to(dtype).reshape(BH, length, D)
+    kf = k.to(dtype).reshape(BH, length, D)
+    vf = v.to(dtype).reshape(BH, length, DV)
     scale = D**-0.5
 
     def chunk(start: int, stop: int, qt: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
-        index = key_index[start:stop]  # [c, L]
+        index = key_index[start:stop] + text  # [c, L]
         mask = relative[None] & key_valid[start:stop, None, :]  # [c, Q, L]
-        return attend(qt[:, start:stop], kf[:, index], vf[:, index], mask, scale)  # [BH, c, Q, DV]
+        keys, values, mask = with_text_keys(kf[:, index], vf[:, index], mask, kf[:, :text], vf[:, :text])
+        return attend(qt[:, start:stop], keys, values, mask, scale)  # [BH, c, Q, DV]
 
-    step = chunk_size(n_tiles, BH * Q * L)
+    step = chunk_size(n_tiles, BH * Q * (text + L))
     o = torch.cat(run_chunks(chunk, n_tiles, step, qt, kf, vf), dim=1)  # [BH, n_tiles, Q, DV]
     # Back from tiles to the padded grid, then crop to the grid.
     o = o.reshape(BH, *counts, *tiles, DV)
@@ -141,5 +149,6 @@ def window_attention_blockwise(
     for i in range(dims):
         order += [1 + i, 1 + dims + i]
     o = o.permute(*order, 2 * dims + 1).reshape(BH, *padded, DV)
-    o = o[(slice(None), *(slice(0, g) for g in grid))].reshape(B, H, N, DV)
-    return o.to(q.dtype)
+    o = o[(slice(None), *(slice(0, g) for g in grid))].reshape(BH, N, DV)
+    o = torch.cat([*text_rows(qf, kf, vf, text, scale), o], dim=1) if text else o
+    return o.reshape(B, H, length, DV).to(q.dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .._blockwise import text_prefix_mask
+
 
 def offsets_inside(
     deltas: list[torch.Tensor], radius: float, shape: str, temporal_radius: int | None = None
@@ -52,12 +54,15 @@ def window_attention_naive(
     radius: float,
     shape: str = "square",
     temporal_radius: int | None = None,
+    text: int = 0,
 ) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v over each query's window, in fp32 (float64 stays float64); empty rows give zeros."""
+    """softmax(q kᵀ / √d) v over each query's window, in fp32 (float64 stays float64); empty rows give zeros.
+
+    With text = T > 0 the first T tokens are a text prefix whose rows and columns stay dense (CLEAR's rule)."""
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5
     scores = torch.einsum("bhid,bhjd->bhij", q.to(compute_dtype), k.to(compute_dtype)) * scale  # [B, H, N, N]
-    mask = grid_window_mask(tuple(grid), radius, shape, temporal_radius, q.device)
+    mask = text_prefix_mask(grid_window_mask(tuple(grid), radius, shape, temporal_radius, q.device), text)
     empty = ~mask.any(dim=-1, keepdim=True)
     scores = scores.masked_fill(~mask, float("-inf")).masked_fill(empty, 0.0)
     weights = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)

@@ -403,3 +403,73 @@ def test_blockwise_paths_never_hold_n_by_n_scores(score_sizes):
         if kept is not None:  # window tiles trade extra scores for fewer gathers (window/blockwise.py, tile_sizes)
             assert total <= 8 * kept, (total, kept)
         assert total < N * N / 4
+
+
+# --- text prefix (CLEAR's rule: text rows and columns dense) ------------------------------------------------------
+
+
+def _clear_reference(q, k, v, image_mask, text):
+    """Dense attention with the image-pair mask under CLEAR's rule, built independently of the kernels."""
+    length = q.shape[2]
+    mask = torch.ones(*image_mask.shape[:-2], length, length, dtype=torch.bool)
+    mask[..., text:, text:] = image_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_text_prefix_window_block_sparse_frame_tile(dtype):
+    T = 7
+    q, k, v, dos = _inputs(1, 2, T + 60, 72, 40, seed=5)
+    # window on a 6 x 10 grid
+    ref = _run(
+        lambda q, k, v: _clear_reference(q, k, v, grid_window_mask((6, 10), 2, "circle"), T),
+        q,
+        k,
+        v,
+        dos,
+        torch.float64,
+    )
+    got = _run(lambda q, k, v: window_attention(q, k, v, (6, 10), 2, "circle", text=T), q, k, v, dos, dtype)
+    _check(ref, got, 1e-12 if dtype == torch.float64 else 1e-5)
+    # block-sparse over the 60 image tokens, blocks of 16 (a short last block), one empty row
+    m = _map(1, 2, 60, 16, 16, seed=5)
+    from dit_graft.kernels.block_sparse.naive import dense_block_mask
+
+    dense = dense_block_mask(m, 60, 16)  # [1, 2, 60, 60]
+    ref = _run(lambda q, k, v: _clear_reference(q, k, v, dense, T), q, k, v, dos, torch.float64)
+    got = _run(lambda q, k, v: block_sparse_attention(q, k, v, m, 16, text=T), q, k, v, dos, dtype)
+    _check(ref, got, 1e-12 if dtype == torch.float64 else 1e-5)
+    # frame tile on (5, 3, 4), groups of 2, one global frame
+    ref = _run(
+        lambda q, k, v: _clear_reference(q, k, v, frame_tile_mask((5, 3, 4), 2, 1), T), q, k, v, dos, torch.float64
+    )
+    got = _run(lambda q, k, v: frame_tile_attention(q, k, v, (5, 3, 4), 2, 1, text=T), q, k, v, dos, dtype)
+    _check(ref, got, 1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_text_prefix_sla_blockwise_matches_reference():
+    T = 5
+    q, k, v, dos = _inputs(1, 2, T + 100, 40, 40, seed=6, outputs=2)
+    critical, marginal = sla_block_index(q[:, :, T:], k[:, :, T:], 32, 0.3, 0.2)
+    args = (critical, marginal, 32, "softmax", 1e-6, 32, T)
+    ref = _run(sla_attention_naive, q, k, v, dos, torch.float64, *args)
+    got = _run(sla_attention_blockwise, q, k, v, dos, torch.float64, *args)
+    _check(ref, got, 1e-12)
+    assert torch.equal(got[0][1][:, :, :T], torch.zeros_like(got[0][1][:, :, :T]))
+    # the sparse part is CLEAR's rule on the critical blocks
+    from dit_graft.kernels.block_sparse.naive import dense_block_mask
+
+    expected = _clear_reference(q, k, v, dense_block_mask(critical, 100, 32), T)
+    assert_close("o_sparse", expected, got[0][0], 1e-12)
+
+
+def test_text_prefix_input_checks():
+    q = torch.randn(1, 1, 20, 8)
+    with pytest.raises(ValueError, match=r"grid \(4, 4\) holds 16 tokens, q has N=20 after 3 text tokens"):
+        window_attention(q, q, q, (4, 4), 1, text=3)
+    with pytest.raises(ValueError, match=r"text must be an int in \[0, N=20\)"):
+        window_attention(q, q, q, (4, 5), 1, text=-1)
+    m = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="for N=16 after 4 text tokens"):
+        block_sparse_attention(q, q, q, torch.ones(1, 1, 2, 2, dtype=torch.bool), 16, text=4)
+    assert block_sparse_attention(q, q, q, m, 16, text=4).shape == q.shape
