@@ -22,7 +22,7 @@ from torch import nn
 from dit_graft.families import family_for
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import AutoSpec, Recipe
-from dit_graft.stage1 import Target, activation_distill, relative_error
+from dit_graft.training import Target, activation_distill, relative_error
 
 
 @dataclass
@@ -84,7 +84,7 @@ def resolve(
     `pool` is the training pool (`dit_graft.distill.training_pool`); the measurement batch is drawn from
     it with a generator seeded by the recipe's seed, so the choice is reproducible.
     """
-    from dit_graft.distill import training_batch
+    from dit_graft.training import training_batch
 
     recipe = recipe.model_copy(deep=True)
     family = family_for(teacher)

@@ -79,8 +79,8 @@ def _cost(model, resolution: int | None = None) -> dict[str, Any]:
     """Parameters and forward FLOPs per image (total and per attention site), on the model's device.
 
     FlopCounterMode measures the forward (`count_flops`); then every attention site whose processor has a
-    FLOP formula (`attention_core_flops`: the operator's `Operator.flops`, FLUX's joint processors' own
-    `core_flops`, softmax's for diffusers' processors) reports its q/k/v/out projections as measured plus the
+    FLOP formula (`attention_core_flops`: the operator's `Operator.flops`, composed the CLEAR way with a text
+    prefix, softmax's for diffusers' processors) reports its q/k/v/out projections as measured plus the
     formula's attention core, and is listed in `attention_formula`; the total is corrected to match.
     Measuring is not enough there: the PyTorch paths of masked and sparse attention compute densely where
     their kernels skip work. Other sites (PixArt's cross-attention, a call whose token counts are unknown)
@@ -98,10 +98,7 @@ def _cost(model, resolution: int | None = None) -> dict[str, Any]:
 
     def record(site):
         def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-            mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-            calls[site.path].append(site.grid.call_tokens(x, context, mask))  # (image tokens, text tokens)
+            calls[site.path].append(site.call_tokens(args, kwargs))  # (image tokens, text tokens), by the adapter
 
         return hook
 
@@ -325,8 +322,10 @@ def _print_memory(plan) -> None:
 
 
 def _latent_multiple(model) -> int:
-    """What a latent side must be a multiple of: the patch size (FLUX: 2, its 2×2 packing)."""
-    return 2 if type(model).__name__ == "FluxTransformer2DModel" else model.config.patch_size
+    """What a latent side must be a multiple of (the family's `latent_multiple`: the patch size, or its packing)."""
+    from dit_graft.families import family_for
+
+    return family_for(model).latent_multiple(model)
 
 
 def _print_resolutions(pixels: list[int], costs: list[tuple[dict, dict]]) -> None:

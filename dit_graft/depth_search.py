@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dit_graft.operators.depth import BlockGroup, Streams, calibration_inputs, calibration_latent
+from dit_graft.model.calibration import calibration_inputs, calibration_latent
+from dit_graft.model.site import BlockGroup, Streams
 
 
 def candidate_masks(num_blocks: int, group_size: int, keep_per_group: int, pinned: tuple[int, ...]):

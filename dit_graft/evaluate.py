@@ -28,7 +28,6 @@ from torch import nn
 
 from dit_graft.errors import InputError, IntegrityError
 from dit_graft.families import family_for
-from dit_graft.families.base import Conditions, conditions_to, take_rows
 from dit_graft.metrics import (
     IMAGE_SIZE,
     classify,
@@ -41,6 +40,7 @@ from dit_graft.metrics import (
     real_subsets,
     to_uint8_rgb,
 )
+from dit_graft.model.conditions import Conditions, conditions_to, take_rows
 
 DIGITS_CLASSES = 10
 
@@ -127,10 +127,9 @@ def is_digits_model(model: nn.Module, shape: tuple[int, ...]) -> bool:
     """Whether the digits classifier can judge the samples: pixel-space (1, 16, 16) images of a 10-class model."""
     family = family_for(model)
     return (
-        family.name == "dit"
+        family.num_classes(model) == DIGITS_CLASSES
         and family.vae_scale(model) == 1
         and tuple(shape) == (1, IMAGE_SIZE, IMAGE_SIZE)
-        and model.config.num_embeds_ada_norm == DIGITS_CLASSES
     )
 
 

@@ -124,8 +124,16 @@ as `transformer=`.
 |---|---|
 {results}
 
-The full recipe and plan are in `graft.json`.
+{_runtime_note(graft_plan)}The full recipe and plan are in `graft.json`.
 """
+
+
+def _runtime_note(graft_plan: GraftPlan) -> str:
+    """The family's model-card paragraph on runtime options the stock diffusers class cannot express ("" if none)."""
+    from dit_graft.families import FAMILIES
+
+    note = FAMILIES.get(graft_plan.family).runtime_note(graft_plan.runtime) if graft_plan.runtime else None
+    return f"## Loading\n\n{note}\n\n" if note else ""
 
 
 def read_graft(path: Path) -> dict[str, Any] | None:

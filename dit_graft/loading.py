@@ -4,13 +4,13 @@ Every weight file is read without unpickling (safetensors; `.pt` only through
 `torch.load(weights_only=True)`), and every key and shape is checked before the model is touched.
 
 A single `.safetensors` file is recognised by its key names, read from the header alone
-(`checkpoint_layout`): Black Forest Labs' FLUX layout (`img_in.weight`, `double_blocks.*`; see
-`dit_graft.families.flux`), the original facebookresearch DiT layout (`x_embedder.proj.weight`, `blocks.*`),
-or diffusers' own layout (`transformer_blocks.*`). Single files carry no config: the original-DiT config is
-read off its shapes; the other two take a local config directory (`model.config` in a recipe: a diffusers
-model or pipeline directory, or `bundled:configs/NAME`). For the BFL layout it defaults to
-`bundled:configs/flux-dev` with the block counts and the guidance embedder read off the keys; diffusers'
-layout has no default. Anything else is refused with one line naming the file and its first keys.
+(`checkpoint_layout`), against the checkpoint-layout registry (`dit_graft.model.checkpoints`) that the
+families fill: Black Forest Labs' FLUX layout, the original facebookresearch DiT layout, Wan's original
+layout, ... and diffusers' own layout (`transformer_blocks.*`, registered here). A layout reads its config off
+the checkpoint's shapes where it can (`infer_config`); a local config directory (`model.config` in a recipe: a
+diffusers model or pipeline directory, or `bundled:configs/NAME`) overrides it, and diffusers' layout needs
+one. Weights-only torch pickles (`.pt`/`.pth`/`.bin`) are read as the layouts that accept them. Anything else
+is refused with one line naming the file and its first keys.
 """
 
 from __future__ import annotations
@@ -21,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from dit_graft.errors import InputError, IntegrityError, RecipeError
+from dit_graft.errors import InputError, IntegrityError
+from dit_graft.model.checkpoints import LAYOUTS, CheckpointLayout, detect_layout, register_layout
+from dit_graft.model.io import (  # noqa: F401 - re-exported: the loading API
+    assign_state,
+    build_from_config,
+    load_state_dict_checked,
+    meta_state,
+    model_class,
+    read_checkpoint,
+    read_safetensors,
+    safetensors_header,
+)
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED_PREFIX = "bundled:"
@@ -120,24 +129,6 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def model_class(class_name: str) -> type:
-    import diffusers
-
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        raise RecipeError(f"unknown diffusers class {class_name!r}")
-    return cls
-
-
-def build_from_config(config: dict[str, Any], meta: bool = False) -> nn.Module:
-    """Instantiates the config's diffusers class with random weights, or on the meta device."""
-    cls = model_class(config["_class_name"])
-    if meta:
-        with init_empty_weights(include_buffers=True):
-            return cls.from_config(config)
-    return cls.from_config(config)
-
-
 def safetensors_files(directory: Path) -> list[Path]:
     hint = config_only_hint(directory)
     if hint is not None:
@@ -155,36 +146,6 @@ def safetensors_files(directory: Path) -> list[Path]:
             raise IntegrityError(f"{directory}: only a pickled .bin checkpoint; convert it to safetensors first")
         raise IntegrityError(f"{single}: missing weights file")
     return [single]
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file; truncated or corrupt files raise IntegrityError naming the file."""
-    if not path.is_file():
-        raise IntegrityError(f"{path}: missing weights file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise IntegrityError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
-
-
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Loads `state` strictly: every key present, none extra, every shape equal; errors name the key."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
-    if missing:
-        raise IntegrityError(
-            f"{where}: missing key {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else "")
-        )
-    if extra:
-        raise IntegrityError(
-            f"{where}: unexpected key {extra[0]}" + (f" (+{len(extra) - 1} more)" if extra[1:] else "")
-        )
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise IntegrityError(f"{where}: {k} has shape {tuple(state[k].shape)}, the model expects {tuple(v.shape)}")
-    model.load_state_dict(state, strict=True)
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:
@@ -222,63 +183,67 @@ def load_model(
     return model.eval()
 
 
-def safetensors_header(path: Path) -> dict[str, list[int]]:
-    """Key → shape of every tensor in a safetensors file, from its header alone (no tensor is read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise IntegrityError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
+def _diffusers_detect(keys) -> bool:
+    return any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "blocks.")) for k in keys)
+
+
+def _diffusers_convert(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """diffusers' own layout: the state dict as it is, every key and shape checked against the model's."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what, keys = ("missing key", missing) if missing else ("unexpected key", extra)
+        raise IntegrityError(f"{what} {keys[0]}" + (f" (+{len(keys) - 1} more)" if keys[1:] else ""))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise IntegrityError(f"{k} has shape {tuple(state[k].shape)}, the model expects {tuple(shape)}")
+    return dict(state)
+
+
+register_layout(CheckpointLayout("diffusers", "any", _diffusers_detect, _diffusers_convert, priority=-10))
 
 
 def checkpoint_layout(keys) -> str | None:
-    """ "bfl-flux", "original-dit" or "diffusers" from a state dict's key names; None for anything else."""
-    from dit_graft.families.flux import is_bfl_flux
+    """The registered checkpoint layout of a state dict's key names ("bfl-flux", "original-dit", "diffusers", ...)."""
+    import dit_graft.families  # noqa: F401 - the families register their layouts
 
-    if is_bfl_flux(keys):
-        return "bfl-flux"
-    if "x_embedder.proj.weight" in keys and any(k.startswith("blocks.") for k in keys):
-        return "original-dit"
-    if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in keys):
-        return "diffusers"
-    return None
+    layout = detect_layout(keys)
+    return None if layout is None else layout.name
 
 
 def _load_file(path: Path, meta: bool, num_heads: int | None, config: Path | None):
-    """A single checkpoint file: its layout from the safetensors header (`.pt`/`.pth`/`.bin`: original DiT)."""
-    layout = "original-dit"
-    if path.suffix.lower() == ".safetensors":
-        header = safetensors_header(path)
-        layout = checkpoint_layout(header)
+    """A single checkpoint file: its layout from the key names (a safetensors header, or a weights-only pickle)."""
+    import dit_graft.families  # noqa: F401 - the families register their layouts
+
+    pickled = path.suffix.lower() != ".safetensors"
+    state = read_checkpoint(path) if pickled else None
+    header = {k: list(v.shape) for k, v in state.items()} if pickled else safetensors_header(path)
+    layout = detect_layout(header, pickle=pickled)
     if layout is None:
         first = ", ".join(sorted(header)[:3]) or "no tensors"
-        raise InputError(
-            f"{path}: not a checkpoint layout dit-graft reads (neither diffusers, nor Black Forest Labs' FLUX, nor "
-            f"original DiT; first keys: {first})"
-        )
-    if layout == "original-dit":
-        from dit_graft.families.dit_original import load_original_dit
-
-        if config is not None:
-            raise InputError(f"model.config {config}: an original DiT checkpoint's config is read off its shapes")
-        if meta:
-            with torch.device("meta"):
-                return load_original_dit(path, num_heads=num_heads)
-        return load_original_dit(path, num_heads=num_heads)
-    if layout == "bfl-flux":
-        from dit_graft.families.flux import bfl_config, load_bfl_flux
-
-        cfg = read_config(model_dir(config)) if config is not None else None
-        cfg = cfg or bfl_config(header, read_config(ASSETS / CONFIGS / "flux-dev"))
+        known = ", ".join(name for name, lay in LAYOUTS.items() if lay.pickle or not pickled)
+        raise InputError(f"{path}: not a checkpoint layout dit-graft reads ({known}; first keys: {first})")
+    if config is not None:
+        cfg = read_config(model_dir(config))
+    elif layout.infer_config is not None:
         try:
-            return load_bfl_flux(header, cfg, lambda: read_safetensors(path), meta=meta)
+            cfg = layout.infer_config(header, {"num_heads": num_heads})
         except IntegrityError as e:
             raise IntegrityError(f"{path}: {e}") from None
-    if config is None:
-        raise InputError(f"{path}: a diffusers-layout state dict carries no config; set model.config to its directory")
-    model = build_from_config(read_config(model_dir(config)), meta=meta)
-    state = read_safetensors(path) if not meta else {k: torch.empty(s, device="meta") for k, s in header.items()}
-    load_state_dict_checked(model, state, str(path))
+    else:
+        raise InputError(
+            f"{path}: a {layout.name}-layout state dict carries no config; set model.config to its directory"
+        )
+    model = build_from_config(cfg, meta=True)
+    try:
+        layout.convert(meta_state(header), model)  # every key and shape, from the header alone
+        if not meta:
+            assign_state(model, layout.convert(state if pickled else read_safetensors(path), model))
+    except IntegrityError as e:
+        raise IntegrityError(f"{path}: {e}") from None
+    if layout.finish is not None:
+        layout.finish(model)
     return model.eval()
 
 

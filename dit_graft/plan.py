@@ -17,8 +17,8 @@ from torch import nn
 from dit_graft import __version__
 from dit_graft.errors import RecipeError
 from dit_graft.families import Family, family_for
-from dit_graft.families.base import UnsupportedOperator
 from dit_graft.operators import OPERATORS
+from dit_graft.operators.base import accepted, build_replacement, refusal
 from dit_graft.operators.depth import BlockGroup, check_spans, spans_from_kept
 from dit_graft.recipe import GraftEdit, Recipe
 
@@ -71,6 +71,9 @@ class GraftPlan(BaseModel):
     num_layers: int
     edits: list[PlannedEdit]
     base_config: dict[str, Any] = {}  # teacher values of the config keys structure edits change (num_layers)
+    # computation choices the diffusers config cannot hold (Family.runtime_options; original DiT's timestep
+    # frequencies), re-applied to every model the plan is applied to
+    runtime: dict[str, Any] = {}
 
     def operators_by_site(self) -> dict[str, str]:
         """The final operator of every touched module (later edits win), at its path in the final model."""
@@ -163,8 +166,9 @@ def _describe_current(model: nn.Module, path: str, kind: str, current: dict[str,
 def plan(model: nn.Module, recipe: Recipe) -> GraftPlan:
     """Resolves the recipe's graft edits against `model` (which may live on the meta device).
 
-    Every module an edit touches is checked against the family's builders here, so an operator the
-    family does not support fails before anything is built or swapped.
+    Every module an edit touches is checked here (`operators.base.refusal`: what the operator needs against
+    what the site's attention adapter can give, and the options the site cannot take), so an operator a site
+    cannot take fails, with its reason, before anything is built or swapped.
     """
     family = family_for(model)
     num_layers = family.num_layers(model)
@@ -187,6 +191,7 @@ def plan(model: nn.Module, recipe: Recipe) -> GraftPlan:
         num_layers=num_layers,
         edits=edits,
         base_config=base_config,
+        runtime=family.runtime_options(model),
     )
 
 
@@ -249,18 +254,27 @@ def _plan_edit(model, family: Family, index: int, edit: GraftEdit, sites, curren
             f"graft.{index}.group: the {family.name} family has no block group {group!r} "
             f"(it has: {', '.join(family.groups)})"
         )
-    in_group = [s for s in sites if getattr(s, "group", family.groups[0]) == group and s.kind == edit.site]
+    in_group = [s for s in sites if s.group == group and s.kind == edit.site]
     if not in_group:
         raise RecipeError(f"graft.{index}.site: the {family.name} family's {group} blocks have no {edit.site} sites")
     layers = select_layers(edit.layers, max(s.layer for s in in_group) + 1, where)
     op = OPERATORS.get(edit.op)
+    try:
+        options = op.parse_options(edit.options)
+    except ValueError as e:
+        raise RecipeError(f"graft.{index}.options: {e}") from None
     modules = []
     for site in in_group:
         if site.layer in layers:
-            try:
-                family.builder(site, op)
-            except UnsupportedOperator as e:
-                raise RecipeError(f"graft.{index}.op: {e}") from None
+            reason = refusal(op, site)
+            if reason is not None:
+                raise RecipeError(
+                    f"graft.{index}.op: operator {op.name!r} is not supported on the {family.name} family's {group} "
+                    f"{site.kind} sites: {reason} (supported there: {', '.join(accepted(site)) or 'none'})"
+                )
+            reason = refusal(op, site, options)
+            if reason is not None:
+                raise RecipeError(f"graft.{index}.options: {site.path}: {reason}")
             old = _describe_current(model, site.path, site.kind, current)
             modules.append(PlannedModule(path=site.path, layer=site.layer, old=old, new=edit.op))
             current[site.path] = edit.op
@@ -289,6 +303,7 @@ def apply(model: nn.Module, graft_plan: GraftPlan, inplace: bool = False) -> nn.
     family: Family = family_for(model)
     _check_depth_edits(model, family, graft_plan)
     student = model if inplace else copy.deepcopy(model)
+    family.apply_runtime_options(student, graft_plan.runtime)
     family.install_grid(student)
     segment: list[PlannedEdit] = []
     for edit in graft_plan.edits:
@@ -347,7 +362,7 @@ def _swap(student: nn.Module, family: Family, edits: list[PlannedEdit]) -> None:
                 opts = options.model_copy()
                 opts._recorded_units = m.units
             try:
-                new = family.builder(sites[m.path], op)(old, sites[m.path], opts)
+                new = build_replacement(op, family, sites[m.path], old, opts)
             except ValueError as e:
                 raise RecipeError(f"graft.{edit.index}.options: {m.path}: {e}") from None
             swaps.append((m.path, op.installs, new))
@@ -358,12 +373,9 @@ def _swap(student: nn.Module, family: Family, edits: list[PlannedEdit]) -> None:
     for path, installs, new in swaps:
         old = student.get_submodule(path)
         if installs == "processor":
-            if new is None:  # the softmax operator: diffusers' own SDPA processor
-                from diffusers.models.attention_processor import AttnProcessor2_0
-
-                old.set_processor(AttnProcessor2_0())
-            else:
-                old.set_processor(new.to(device=_device_of(old), dtype=_dtype_of(old)))
+            if isinstance(new, nn.Module):
+                new = new.to(device=_device_of(old), dtype=_dtype_of(old))
+            old.set_processor(new)
         else:
             parent_path, _, name = path.rpartition(".")
             parent = student.get_submodule(parent_path) if parent_path else student

@@ -85,3 +85,19 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+def op_of(processor) -> str:
+    """The operator that built an installed processor or module ("linear", ...), else its class name (stock)."""
+    from dit_graft.operators.base import installed_operator
+
+    found = installed_operator(processor)
+    return found[0].name if found is not None else type(processor).__name__
+
+
+def grafted(core, grid: tuple[int, ...] | None = None):
+    """A core on a plain self-attention module: DiT's adapter around it, on a recorded `grid` (None: square)."""
+    from dit_graft.families.dit import SelfAttentionAdapter
+    from dit_graft.model import GraftedAttnProcessor, TokenGrid
+
+    return GraftedAttnProcessor(SelfAttentionAdapter(TokenGrid(grid)), core)

@@ -171,13 +171,13 @@ def test_converted_model_matches_original_forward(tmp_path, suffix):
     y = torch.tensor([3, 0, 9, 10])  # 10: the null (CFG) class
     expected = original_dit_forward(sd, x, t, y, SMALL_HEADS)
 
-    model = load_original_dit(path, num_heads=SMALL_HEADS, original_timesteps=True)
+    model = load_original_dit(path, num_heads=SMALL_HEADS)  # the original frequencies by default
     with torch.no_grad():
         out = model(x, timestep=t, class_labels=y).sample
     # float32; only the attention kernel (SDPA vs explicit softmax) and summation orders differ.
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
-    stock = load_original_dit(path, num_heads=SMALL_HEADS)
+    stock = load_original_dit(path, num_heads=SMALL_HEADS, original_timesteps=False)
     with torch.no_grad():
         stock_out = stock(x, timestep=t, class_labels=y).sample
     torch.testing.assert_close(stock_out[:1], expected[:1], rtol=1e-4, atol=1e-5)  # t = 0: frequencies irrelevant

@@ -17,9 +17,10 @@ from dit_graft.errors import IntegrityError, RecipeError
 from dit_graft.export import export
 from dit_graft.families import count_flops, family_for
 from dit_graft.loading import build_from_config, bundled_models, load_model, read_config, resolve_source
-from dit_graft.operators.text_attention import JointLinearProcessor, JointLocalProcessor
+from dit_graft.model import TokenLayout
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import bundled_recipes, validate
+from tests.conftest import op_of
 from tests.test_cli import run_cli
 
 TINY_PIXART = dict(
@@ -106,7 +107,11 @@ def test_sites_groups_and_plans_name_the_real_modules():
     [
         (tiny_flux, {"site": "attention", "op": "gated_conv"}, "'gated_conv' is not supported on the flux .*no keys"),
         (tiny_flux, {"site": "attention", "group": "single", "op": "gated_conv"}, "lose their only path to the text"),
-        (tiny_pixart, {"site": "attention", "group": "cross", "op": "local"}, "'local' does not support the pixart"),
+        (
+            tiny_pixart,
+            {"site": "attention", "group": "cross", "op": "local"},
+            "'local' is not supported on the pixart family's cross .*cross-attention",
+        ),
         (tiny_pixart, {"site": "attention", "group": "double", "op": "linear"}, "has no block group 'double'"),
         (tiny_flux, {"site": "mlp", "group": "single", "op": "mlp_ratio"}, "single blocks have no mlp sites"),
     ],
@@ -125,7 +130,7 @@ def test_pixart_cross_attention_is_graftable_by_choice():
     teacher = tiny_pixart()
     edit = {"site": "attention", "group": "cross", "layers": [0], "op": "linear", "options": {"dwconv": 0, "heads": 1}}
     student = apply(teacher, plan(teacher, _recipe([edit])))
-    assert type(student.transformer_blocks[0].attn2.processor).__name__ == "CrossLinearProcessor"
+    assert op_of(student.transformer_blocks[0].attn2.processor) == "linear"
     assert type(student.transformer_blocks[1].attn2.processor).__name__ == "AttnProcessor2_0"
     assert type(student.transformer_blocks[0].attn1.processor).__name__ == "AttnProcessor2_0"
     attn = student.transformer_blocks[0].attn2.double()
@@ -204,11 +209,8 @@ def test_local_processor_masks_the_clear_pattern_and_counts_only_kept_pairs():
     teacher = tiny_flux(num_single_layers=0)
     student = apply(teacher, plan(teacher, _recipe([{"site": "attention", "op": "local", "options": {"window": 1.2}}])))
     processor = student.transformer_blocks[0].attn.processor
-    assert isinstance(processor, JointLocalProcessor)
-    student._dit_graft_grid.hw = (2, 3)
-    q = torch.zeros(1, 2, 5 + 6, 8)  # 5 text tokens, then a 2x3 image grid
-    processor.attend(q, q, q, text=5)
-    (mask,) = [m for key, m in student._dit_graft_grid.masks.items() if key[0] == "local"]
+    assert op_of(processor) == "local"
+    mask = processor.core.mask(TokenLayout(text=5, grid=(2, 3)), torch.device("cpu"))  # 5 text tokens, 2x3 grid
     assert mask[:5].all() and mask[:, :5].all()  # text queries see everything; every query sees the text
     expected = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(mask[5:8, 5:], expected)  # radius 1.2: self and the 4-neighbours
@@ -265,7 +267,7 @@ def test_distill_export_reload_is_bitwise_exact(tmp_path, family):
         assert torch.equal(fam.forward(student, x, t, cond), fam.forward(reloaded, x, t, cond))
     assert json.loads((out / "graft.json").read_text())["plan"]["family"] == family
     if family == "flux":
-        assert isinstance(reloaded.single_transformer_blocks[0].attn.processor, JointLinearProcessor)
+        assert op_of(reloaded.single_transformer_blocks[0].attn.processor) == "linear"
 
 
 def _pixart_pipeline(transformer):

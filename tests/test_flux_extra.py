@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,10 +16,12 @@ from dit_graft.distill import distill
 from dit_graft.errors import InputError, IntegrityError
 from dit_graft.export import export
 from dit_graft.families import family_for
-from dit_graft.loading import load_model
+from dit_graft.loading import ASSETS, load_model, read_config
 from dit_graft.operators import OPERATORS
-from dit_graft.operators import text_attention as ta
+from dit_graft.operators import sla as sla_module
+from dit_graft.operators import sparse as sparse_module
 from dit_graft.plan import apply, plan
+from tests.conftest import op_of
 from tests.test_cli import run_cli
 from tests.test_families import _joint_inputs, _recipe, tiny_flux
 
@@ -104,7 +108,7 @@ def _reference(op, processor, q, k, v, text):
         marginal = ~image
         weights = (F.relu(q[:, :, text:]) @ F.relu(k[:, :, text:]).transpose(-1, -2)) * marginal
         linear = weights @ v[:, :, text:] / (weights.sum(-1, keepdim=True) + 1e-6)
-        o[:, :, text:] += linear @ processor.proj_l.weight.T
+        o[:, :, text:] += linear @ processor.core.proj_l.weight.T
     return o
 
 
@@ -121,8 +125,9 @@ def test_partial_coverage_matches_the_written_out_operator(op, options, text, mo
     teacher, student = _graft(op, options, seed=1)
     image, words, rope = _joint_inputs(teacher, text=text, h=H, w=W)
     calls = []
-    kernel = ta.block_sparse_attention
-    monkeypatch.setattr(ta, "block_sparse_attention", lambda *a: calls.append(1) or kernel(*a))
+    kernel = sparse_module.block_sparse_attention
+    for module in (sparse_module, sla_module):
+        monkeypatch.setattr(module, "block_sparse_attention", lambda *a: calls.append(1) or kernel(*a))
     img, txt, joint = _outputs(student, image, words, rope, text)
     for attn, hidden, context, got in (
         (student.transformer_blocks[0].attn, image, words, (txt, img)),
@@ -174,11 +179,11 @@ def test_convert_export_reload_is_bitwise_exact(tmp_path):
     student = apply(teacher, graft_plan)
     result = distill(teacher, student, recipe.distill, tmp_path / "work")
     assert len(result.log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.log)
-    assert student.single_transformer_blocks[1].attn.processor.proj_l.weight.abs().sum() > 0  # it trained
+    assert student.single_transformer_blocks[1].attn.processor.core.proj_l.weight.abs().sum() > 0  # it trained
     out = export(student, graft_plan, recipe.model_dump(), tmp_path / "export", {"steps": 3})
     reloaded = dit_graft.from_pretrained(out)
-    processors = [type(b.attn.processor) for b in (*reloaded.transformer_blocks, *reloaded.single_transformer_blocks)]
-    assert processors == [ta.JointSwaProcessor, ta.JointSparseProcessor, ta.JointSlaProcessor]
+    processors = [op_of(b.attn.processor) for b in (*reloaded.transformer_blocks, *reloaded.single_transformer_blocks)]
+    assert processors == ["swa", "sparse", "sla"]
     fam = family_for(teacher)
     cond, x, t = fam.conditions(teacher, 2), torch.randn(2, 4, 16, 16), torch.rand(2)
     with torch.no_grad():
@@ -285,27 +290,50 @@ def test_recipes_name_the_config_and_the_cli_converts_from_a_bfl_file(tmp_path, 
     code, stdout, stderr = run_cli(["convert", write_recipe(data), "--out", tmp_path / "student"], capsys)
     assert code == 0, stderr
     student = dit_graft.from_pretrained(tmp_path / "student")
-    assert isinstance(student.single_transformer_blocks[1].attn.processor, ta.JointSparseProcessor)
-    # without model.config the default is FLUX.1-dev's config: the tiny checkpoint does not fit it, one line says where
+    assert op_of(student.single_transformer_blocks[1].attn.processor) == "sparse"
+    # without model.config every dimension is read off the keys and shapes: the same model, any width
     code, _, stderr = run_cli(["inspect", path], capsys)
-    assert code == 3 and "'img_in.weight' → 'x_embedder.weight': shape (16, 16), the model expects (3072, 64)" in stderr
-    assert len(stderr.strip().splitlines()) == 1
+    assert code == 0, stderr
+    inferred = load_model(path)
+    assert {k: inferred.config[k] for k in config_keys(config)} == {
+        k: read_config(config)[k] for k in config_keys(config)
+    }
+    original = load_model(path, config=config)
+    assert all(torch.equal(v, inferred.state_dict()[k]) for k, v in original.state_dict().items())
 
 
-def test_the_default_config_takes_block_counts_and_guidance_from_the_keys(tmp_path):
+def config_keys(directory):
+    return [k for k in read_config(directory) if not k.startswith("_")]
+
+
+def test_the_config_is_read_off_the_keys_and_shapes_at_flux1_width():
     from dit_graft.families.flux import bfl_config
 
-    keys = ["img_in.weight", "double_blocks.0.img_mod.lin.weight", "double_blocks.7.img_mod.lin.weight"]
-    keys += [f"single_blocks.{i}.linear1.weight" for i in range(3)]
-    config = bfl_config(keys, {"num_layers": 19, "num_single_layers": 38, "guidance_embeds": True, "x": 1})
-    assert config == {"num_layers": 2, "num_single_layers": 3, "guidance_embeds": False, "x": 1}
+    shapes = {
+        "img_in.weight": (3072, 64),
+        "txt_in.weight": (3072, 4096),
+        "vector_in.in_layer.weight": (3072, 768),
+        "guidance_in.in_layer.weight": (3072, 256),
+        "final_layer.linear.weight": (64, 3072),
+        "double_blocks.0.img_attn.norm.query_norm.scale": (128,),
+        "double_blocks.18.img_mod.lin.weight": (18432, 3072),
+        "single_blocks.37.linear1.weight": (21504, 3072),
+    }
+    config = bfl_config(shapes)
+    flux_dev = json.loads((ASSETS / "configs" / "flux-dev" / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k in flux_dev} == {
+        k: v for k, v in flux_dev.items() if not k.startswith("_name")
+    }
+    assert config["out_channels"] is None
 
 
 def test_bad_or_foreign_single_files_are_refused_in_one_line(tmp_path, bfl_checkpoint):
     original, path, config = bfl_checkpoint
     foreign = tmp_path / "unet.safetensors"
     save_file({"down.0.conv.weight": torch.zeros(2, 2), "up.0.conv.weight": torch.zeros(2)}, str(foreign))
-    with pytest.raises(InputError, match=r"neither diffusers, nor Black Forest Labs' FLUX, nor original DiT; "):
+    with pytest.raises(
+        InputError, match=r"not a checkpoint layout dit-graft reads \(bfl-flux, diffusers, original-dit"
+    ):
         load_model(foreign)
     from safetensors.torch import load_file
 

@@ -11,10 +11,9 @@ import dit_graft
 from dit_graft.errors import IntegrityError, RecipeError
 from dit_graft.export import export
 from dit_graft.loading import load_model
-from dit_graft.operators.linear import LinearAttnProcessor
 from dit_graft.plan import GraftPlan, apply, plan
 from dit_graft.recipe import validate
-from tests.conftest import tiny_dit, tiny_recipe
+from tests.conftest import op_of, tiny_dit, tiny_recipe
 
 
 def _inputs(batch=3, size=8, seed=1):
@@ -51,14 +50,19 @@ def test_apply_inherits_every_teacher_parameter_and_leaves_teacher_untouched(tmp
         assert torch.equal(s_state[k], v), k
         assert torch.equal(teacher.state_dict()[k], v), k
     new = sorted(set(s_state) - set(before))
-    assert new == [f"transformer_blocks.{i}.attn1.processor.dwconv.{p}" for i in range(2) for p in ("bias", "weight")]
-    assert all(isinstance(b.attn1.processor, LinearAttnProcessor) for b in student.transformer_blocks)
-    assert not any(isinstance(b.attn1.processor, LinearAttnProcessor) for b in teacher.transformer_blocks)
+    assert new == [
+        f"transformer_blocks.{i}.attn1.processor.core.dwconv.{p}" for i in range(2) for p in ("bias", "weight")
+    ]
+    assert all(op_of(b.attn1.processor) == "linear" for b in student.transformer_blocks)
+    assert not any(op_of(b.attn1.processor) == "linear" for b in teacher.transformer_blocks)
 
 
 def test_a_failing_builder_leaves_the_model_untouched(tmp_path):
     teacher = tiny_dit()
-    graft_plan = plan(teacher, _recipe(tmp_path, options={"heads": 3}))  # 3 does not divide 16
+    with pytest.raises(RecipeError, match="heads=3 does not divide"):  # refused at plan time
+        plan(teacher, _recipe(tmp_path, options={"heads": 3}))  # 3 does not divide 16
+    graft_plan = plan(teacher, _recipe(tmp_path, options={"heads": 1}))
+    graft_plan.edits[0].options["heads"] = 3  # a recorded plan edited by hand: the walker refuses it too
     processors = [type(b.attn1.processor) for b in teacher.transformer_blocks]
     with pytest.raises(RecipeError, match="heads=3 does not divide"):
         apply(teacher, graft_plan, inplace=True)
@@ -103,13 +107,13 @@ def test_grid_is_recorded_by_the_forward_hook_and_used_for_non_square_grids(tmp_
         student(**_inputs())
         assert student._dit_graft_grid.hw == (4, 4)
         attn = student.transformer_blocks[0].attn1
-        attn.processor.dwconv.weight.normal_()
+        attn.processor.core.dwconv.weight.normal_()
         student._dit_graft_grid.hw = (4, 6)  # DiT itself unpatchifies square grids only; the operator does not care
         x = torch.randn(2, 24, 16)
         full = attn(x)
         v = attn.to_v(x).transpose(1, 2).reshape(2, 16, 4, 6)  # (B, C, h, w) on the recorded 4x6 grid
-        conv_part = attn.processor.dwconv(v).flatten(2).transpose(1, 2)
-        attn.processor.dwconv = None
+        conv_part = attn.processor.core.dwconv(v).flatten(2).transpose(1, 2)
+        attn.processor.core.dwconv = None
         linear_part = attn(x)
         student._dit_graft_grid.hw = None
     torch.testing.assert_close(full - linear_part, conv_part @ attn.to_out[0].weight.T, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -21,13 +21,14 @@ from dit_graft.errors import RecipeError
 from dit_graft.export import export
 from dit_graft.families import family_for
 from dit_graft.families.base import count_flops
+from dit_graft.families.dit import DIT, SelfAttentionAdapter
 from dit_graft.operators import OPERATORS, Site, TokenGrid
-from dit_graft.operators.base import band_pairs
-from dit_graft.operators.local import LocalAttnProcessor, LocalOptions, grid_window_mask, grid_window_pairs
-from dit_graft.operators.swa import SlidingWindowAttnProcessor, SwaOptions, band_mask
+from dit_graft.operators.base import band_pairs, build_replacement
+from dit_graft.operators.local import LocalCore, LocalOptions, grid_window_mask, grid_window_pairs
+from dit_graft.operators.swa import SwaCore, SwaOptions, band_mask
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
-from tests.conftest import TINY_DIT, tiny_dit, tiny_recipe
+from tests.conftest import TINY_DIT, grafted, tiny_dit, tiny_recipe
 from tests.test_cli import run_cli
 
 DIM = 16  # tiny DiT width: 2 heads x 8; FFN hidden 64 (ratio 4); 4x4 token grid
@@ -102,7 +103,7 @@ def _masked_reference(attn, x, visible):
 )
 def test_local_matches_a_direct_windowed_softmax(h, w, radius, shape):
     attn = _attention()
-    attn.set_processor(LocalAttnProcessor(LocalOptions(window=radius, shape=shape), TokenGrid((h, w))))
+    attn.set_processor(grafted(LocalCore(LocalOptions(window=radius, shape=shape)), (h, w)))
     x = torch.randn(2, h * w, DIM, dtype=torch.float64)
     pos = [(n // w, n % w) for n in range(h * w)]  # row-major, as PatchEmbed flattens
     if shape == "circle":
@@ -116,7 +117,7 @@ def test_local_matches_a_direct_windowed_softmax(h, w, radius, shape):
 @given(n=st.integers(1, 41), window=st.integers(1, 90))
 def test_swa_matches_a_direct_band_softmax(n, window):
     attn = _attention()
-    attn.set_processor(SlidingWindowAttnProcessor(SwaOptions(window=window)))
+    attn.set_processor(grafted(SwaCore(SwaOptions(window=window))))
     x = torch.randn(2, n, DIM, dtype=torch.float64)
     visible = [[abs(i - j) <= window // 2 for j in range(n)] for i in range(n)]
     torch.testing.assert_close(attn(x), _masked_reference(attn, x, visible), rtol=1e-10, atol=1e-10)
@@ -332,11 +333,11 @@ def test_flop_formula_matches_flop_counter_on_the_pytorch_path(op, options):
     """Measured total minus the q/k/v/out projections is the formula (on meta, where SDPA is counted as matmuls)."""
     operator = OPERATORS.get(op)
     opts = operator.parse_options(options)
-    site = Site("attn", "attention", 0, 32, 4, TokenGrid((6, 8)))
+    grid = TokenGrid((6, 8))
+    site = Site("attn", "attention", 0, 32, 4, grid, adapter=SelfAttentionAdapter(grid))
     with torch.device("meta"):
         attn = Attention(32, heads=4, dim_head=8, bias=True)
-        processor = operator.build(attn, site, opts)
-        attn.set_processor(processor if processor is not None else AttnProcessor2_0())
+        attn.set_processor(build_replacement(operator, DIT, site, attn, opts))
     total, _ = count_flops(attn, {"hidden_states": torch.zeros(1, 48, 32, device="meta")})
     projections = 4 * 2 * 48 * 32 * 32
     assert total - projections == operator.flops(site, 48, opts) > 0

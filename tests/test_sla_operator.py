@@ -17,21 +17,21 @@ from pydantic import ValidationError
 
 import dit_graft
 from dit_graft.export import export
-from dit_graft.operators import OPERATORS, Site, TokenGrid
+from dit_graft.operators import OPERATORS, Site
 from dit_graft.operators import local as local_module
 from dit_graft.operators.base import installed_operator
 from dit_graft.operators.local import (
-    LocalAttnProcessor,
+    LocalCore,
     LocalOptions,
     grid_window_is_full,
     grid_window_mask,
     tile_window,
 )
-from dit_graft.operators.sla import SlaAttnProcessor, SlaOptions, critical_blocks
-from dit_graft.operators.sparse import SparseAttnProcessor, SparseOptions
+from dit_graft.operators.sla import SlaCore, SlaOptions, critical_blocks
+from dit_graft.operators.sparse import SparseCore, SparseOptions
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
-from tests.conftest import TINY_DIT, tiny_dit, tiny_recipe
+from tests.conftest import TINY_DIT, grafted, tiny_dit, tiny_recipe
 from tests.test_cli import run_cli
 
 SLA = OPERATORS.get("sla")
@@ -50,13 +50,17 @@ def _run(attn: Attention, processor, x: torch.Tensor) -> torch.Tensor:
         return attn(x)
 
 
-def _sla(dim_head: int, options: SlaOptions, proj_l_seed: int | None = None, dtype=torch.float32) -> SlaAttnProcessor:
+def _sla(
+    dim_head: int, options: SlaOptions, proj_l_seed: int | None = None, dtype=torch.float32
+):
     """An sla processor; with a seed, proj_l is set to random weights (as after fine-tuning)."""
-    processor = SlaAttnProcessor(dim_head, options).to(dtype)
+    processor = grafted(SlaCore(dim_head, options)).to(dtype)
     if proj_l_seed is not None:
         g = torch.Generator().manual_seed(proj_l_seed)
         with torch.no_grad():
-            processor.proj_l.weight.copy_(torch.randn(dim_head, dim_head, generator=g, dtype=dtype) / dim_head**0.5)
+            processor.core.proj_l.weight.copy_(
+                torch.randn(dim_head, dim_head, generator=g, dtype=dtype) / dim_head**0.5
+            )
     return processor
 
 
@@ -83,7 +87,7 @@ def test_every_block_critical_is_softmax_attention_whatever_proj_l(n, block, hea
 def test_at_initialisation_sla_is_its_sparse_part(n, block, critical, negligible):
     attn = _attention(3, 8)
     x = torch.randn(2, n, 24)
-    sparse = _run(attn, SparseAttnProcessor(SparseOptions(block=block, keep=critical)), x)
+    sparse = _run(attn, grafted(SparseCore(SparseOptions(block=block, keep=critical))), x)
     sla = _run(attn, _sla(8, SlaOptions(block=block, critical=critical, negligible=negligible)), x)
     assert torch.equal(sla, sparse)
 
@@ -130,7 +134,7 @@ def test_sla_matches_the_documented_rule_on_odd_lengths(n, block, critical, negl
     x = torch.randn(2, n, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     got = _run(attn, processor, x)
     with torch.no_grad():
-        expected = _direct_sla(attn, processor.proj_l, x, options)
+        expected = _direct_sla(attn, processor.core.proj_l, x, options)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -155,7 +159,7 @@ def _inputs(batch=2, size=16, seed=1):
 def test_sla_adds_only_proj_l_and_every_weight_gets_a_gradient(tmp_path):
     teacher, student, _, _ = _graft(tmp_path)
     added = {n: p for n, p in student.named_parameters() if ".processor." in n}
-    assert sorted(added) == [f"transformer_blocks.{i}.attn1.processor.proj_l.weight" for i in range(2)]
+    assert sorted(added) == [f"transformer_blocks.{i}.attn1.processor.core.proj_l.weight" for i in range(2)]
     assert all(p.shape == (8, 8) and not p.any() for p in added.values())
     assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in teacher.parameters()) + 2 * 64
     op, options = installed_operator(student.transformer_blocks[0].attn1.processor)
@@ -180,7 +184,7 @@ def test_sla_export_reload_is_bitwise_exact(tmp_path):
     with torch.no_grad():
         y = student(**x).sample
         assert torch.equal(y, reloaded(**x).sample)
-        student.transformer_blocks[0].attn1.processor.proj_l.weight.zero_()
+        student.transformer_blocks[0].attn1.processor.core.proj_l.weight.zero_()
         assert not torch.equal(y, student(**x).sample)  # the trained proj_l mattered
 
 
@@ -290,7 +294,7 @@ def test_local_through_tile_attention_agrees_with_the_masked_path(monkeypatch, w
     monkeypatch.setattr(local_module, "tile_attention", spy)
     grid = (3, 5)
     attn = _attention(2, 8).to(device)
-    attn.set_processor(LocalAttnProcessor(LocalOptions(window=window, shape=shape), TokenGrid(grid)))
+    attn.set_processor(grafted(LocalCore(LocalOptions(window=window, shape=shape)), grid))
     x = torch.randn(2, 15, 16, device=device)
     outputs = {}
     for backend in ("naive", "triton"):

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 from dit_graft.operators import OPERATORS, Site
 from dit_graft.operators import sparse as sparse_module
 from dit_graft.operators.base import installed_operator
-from dit_graft.operators.sparse import SparseAttnProcessor, SparseOptions, kept_blocks
+from dit_graft.operators.sparse import SparseCore, SparseOptions, kept_blocks
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
-from tests.conftest import tiny_dit, tiny_recipe
+from tests.conftest import grafted, tiny_dit, tiny_recipe
 
 SPARSE = OPERATORS.get("sparse")
 
@@ -46,7 +46,7 @@ def test_keeping_every_block_is_softmax_attention(n, block, heads, as_count, see
     x = torch.randn(2, n, heads * 8, generator=torch.Generator().manual_seed(seed))
     keep = math.ceil(n / block) + seed if as_count else 1.0  # a count at or above the block count, or all
     expected = _run(attn, AttnProcessor2_0(), x)
-    got = _run(attn, SparseAttnProcessor(SparseOptions(block=block, keep=keep)), x)
+    got = _run(attn, grafted(SparseCore(SparseOptions(block=block, keep=keep))), x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -78,7 +78,7 @@ def _direct_sparse(attn: Attention, x: torch.Tensor, block: int, keep) -> torch.
 def test_sparse_matches_the_documented_rule_on_odd_lengths(n, block, keep, seed):
     attn = _attention(2, 8, seed, torch.float64)
     x = torch.randn(2, n, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    got = _run(attn, SparseAttnProcessor(SparseOptions(block=block, keep=keep)), x)
+    got = _run(attn, grafted(SparseCore(SparseOptions(block=block, keep=keep))), x)
     with torch.no_grad():
         torch.testing.assert_close(got, _direct_sparse(attn, x, block, keep), rtol=1e-10, atol=1e-10)
 
@@ -86,7 +86,7 @@ def test_sparse_matches_the_documented_rule_on_odd_lengths(n, block, keep, seed)
 def test_fewer_kept_blocks_change_the_output_and_gradients_reach_the_projections():
     attn = _attention(2, 8)
     x = torch.randn(1, 100, 16)
-    attn.set_processor(SparseAttnProcessor(SparseOptions(block=16, keep=2)))
+    attn.set_processor(grafted(SparseCore(SparseOptions(block=16, keep=2))))
     y = attn(x)
     assert not torch.allclose(y, _run(attn, AttnProcessor2_0(), x).detach(), atol=1e-3)
     y.square().sum().backward()
@@ -97,7 +97,7 @@ def test_fewer_kept_blocks_change_the_output_and_gradients_reach_the_projections
 def test_calling_the_reference_a_few_heads_at_a_time_changes_nothing(monkeypatch):
     attn = _attention(3, 8)
     x = torch.randn(2, 70, 24)
-    processor = SparseAttnProcessor(SparseOptions(block=16, keep=0.5))
+    processor = grafted(SparseCore(SparseOptions(block=16, keep=0.5)))
     whole = _run(attn, processor, x)
     monkeypatch.setattr(sparse_module, "REFERENCE_SCORES", 1)  # one head per call
     assert torch.equal(_run(attn, processor, x), whole)

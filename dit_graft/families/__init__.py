@@ -1,6 +1,6 @@
 """Family adapters: each module registers itself in FAMILIES on import."""
 
-from dit_graft.families import dit, flux, pixart, wan  # noqa: F401
+from dit_graft.families import dit, dit_original, flux, pixart, wan  # noqa: F401
 from dit_graft.families.base import (
     FAMILIES,
     Conditions,

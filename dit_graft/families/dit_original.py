@@ -21,26 +21,27 @@ CombinedTimestepLabelEmbeddings uses Timesteps(flip_sin_to_cos=True, downscale_f
 exp(−ln(10000)·i/(half − 1)). Same order, different frequencies: the 256-d sinusoid features differ by up to 1.98
 (max abs over t = 0..999; relative L2 error 0.13 at t = 100, 1.01 at t = 999), which no weight change can absorb.
 `use_original_timestep_frequencies` sets `downscale_freq_shift = 0` on every block, making the features identical to
-the original (max abs difference 0 in float32). That attribute is not in the diffusers config: a model saved after it
-reloads with the stock frequencies, so it is opt-in.
+the original (max abs difference 0 in float32). Loading an original-layout checkpoint applies it by default (the
+`original-dit` checkpoint layout's `finish`), so the loaded model computes the original function. That attribute
+is not in the diffusers config: dit-graft records it as a runtime option of the DiT family in graft.json and
+re-applies it in `dit_graft.from_pretrained`; the stock `DiTTransformer2DModel` loads such an export with its own
+frequencies (the model card says so).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
 import re
 from os import PathLike
-from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
-from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, get_2d_sincos_pos_embed
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 from dit_graft.errors import InputError, IntegrityError
+from dit_graft.families.dit import use_original_timestep_frequencies
+from dit_graft.model.checkpoints import CheckpointLayout, register_layout
+from dit_graft.model.io import meta_state, read_checkpoint
 
 # One original tensor → one diffusers tensor; "{}" is the block index.
 ORIGINAL_TO_DIFFUSERS: dict[str, str] = {
@@ -228,63 +229,13 @@ def convert_original_dit_state_dict(state_dict: dict[str, torch.Tensor], config:
     return out
 
 
-def _unpickle_refusal(err: pickle.UnpicklingError) -> str:
-    """The reason torch's weights-only unpickler gave (e.g. the code-running global it met), on one line."""
-    m = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(err))
-    return f" ({m.group(0)})" if m else ""
-
-
-def read_checkpoint(path: str | PathLike) -> dict[str, torch.Tensor]:
-    """A flat name → tensor dict from .safetensors or weights-only .pt/.pth/.bin (training nesting unwrapped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise IntegrityError(f"{path}: no such checkpoint file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            obj = load_file(path, device="cpu")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise IntegrityError(f"{path}: corrupt or truncated safetensors file ({err})") from err
-    elif suffix in (".pt", ".pth", ".bin"):
-        try:
-            # DiT's train.py stores its argparse Namespace under "args"; Namespace is a plain attribute bag.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise IntegrityError(
-                f"{path}: refused to unpickle: not a tensors-only pickle{_unpickle_refusal(err)}"
-            ) from err
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
-            raise IntegrityError(f"{path}: unreadable torch checkpoint ({reason})") from err
-    else:
-        raise IntegrityError(f"{path}: unknown checkpoint suffix {suffix!r} (use .safetensors, .pt, .pth or .bin)")
-
-    if isinstance(obj, dict):
-        for nest in ("ema", "model", "state_dict"):  # EMA weights are the ones DiT samples with
-            if isinstance(obj.get(nest), dict):
-                obj = obj[nest]
-                break
-    if not isinstance(obj, dict):
-        raise IntegrityError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise IntegrityError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    return obj
-
-
-def use_original_timestep_frequencies(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
-    """Makes every block's timestep sinusoid use the original DiT frequencies (exp(−ln(10⁴)·i/half)); not saved."""
-    for module in model.modules():
-        if isinstance(module, CombinedTimestepLabelEmbeddings):
-            module.time_proj.downscale_freq_shift = 0
-    return model
-
-
 def load_original_dit(
-    path: str | PathLike, num_heads: int | None = None, *, original_timesteps: bool = False
+    path: str | PathLike, num_heads: int | None = None, *, original_timesteps: bool = True
 ) -> DiTTransformer2DModel:
-    """An original-layout DiT checkpoint as a DiTTransformer2DModel in eval mode (strict load)."""
+    """An original-layout DiT checkpoint as a DiTTransformer2DModel in eval mode (strict load).
+
+    `original_timesteps` (default): the original timestep frequencies, so the model computes the original function.
+    """
     state_dict = read_checkpoint(path)
     config = infer_original_dit_config(state_dict, num_heads)
     converted = convert_original_dit_state_dict(state_dict, config)
@@ -293,3 +244,27 @@ def load_original_dit(
     if original_timesteps:
         use_original_timestep_frequencies(model)
     return model.eval()
+
+
+def _diffusers_config(model) -> dict:
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
+
+
+def is_original_dit(keys) -> bool:
+    return "x_embedder.proj.weight" in keys and any(k.startswith("blocks.") for k in keys)
+
+
+register_layout(
+    CheckpointLayout(
+        name="original-dit",
+        family="dit",
+        detect=is_original_dit,
+        convert=lambda state, model: convert_original_dit_state_dict(state, _diffusers_config(model)),
+        infer_config=lambda shapes, hints: {
+            "_class_name": "DiTTransformer2DModel",
+            **infer_original_dit_config(meta_state(shapes), hints.get("num_heads")),
+        },
+        pickle=True,
+        finish=use_original_timestep_frequencies,
+    )
+)

@@ -35,9 +35,13 @@ key maps to diffusers' names (the mapping of diffusers' `convert_flux_transforme
 fused tensors split by the diffusers model's own widths, every key and shape checked before the model is
 touched. diffusers' single-file loader (`FluxTransformer2DModel.from_single_file`) is not used: its converter
 hard-codes FLUX.1's width (3072) when it splits the single-stream `linear1`, so it loads no other size (no
-tiny model, so nothing testable here), and it skips unknown keys silently. The config is a local one
-(`model.config`; default: the bundled FLUX.1-dev config with the block counts and the guidance embedder read
-off the checkpoint's keys, which covers FLUX.1-dev and -schnell).
+tiny model, so nothing testable here), and it skips unknown keys silently. The config is read off the
+checkpoint's keys and shapes (`bfl_config`: widths, heads from the per-head norm scales, block counts, text
+and pooled widths, the guidance embedder), so a BFL file of any width loads without `model.config`. The one
+thing the weights do not hold is RoPE's split of the head dimension over the (index, row, column) axes: it is
+FLUX.1's (16, 56, 56) at head dim 128, and the same proportions (an eighth for the index axis, the rest halved
+between rows and columns, every part even) at other head dims; a checkpoint trained with another split takes
+`model.config`.
 """
 
 from __future__ import annotations
@@ -47,83 +51,93 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxSingleTransformerBlock
 from torch import nn
 
 from dit_graft.diffusion import flow_euler_sample, flow_mu, flow_noise
-from dit_graft.errors import IntegrityError
-from dit_graft.families.base import (
-    FAMILIES,
-    GENERIC,
-    Conditions,
-    Family,
-    FamilySite,
-    UnsupportedOperator,
-    block_paths,
-)
+from dit_graft.errors import InputError, IntegrityError
 from dit_graft.families.text import read_captions, spread, synthetic_captions
-from dit_graft.operators.depth import BlockGroup, Streams
-from dit_graft.operators.text_attention import JOINT_BUILDERS, JOINT_REFUSED, JointGrid
+from dit_graft.model.attention import AttentionAdapter, AttnContext, bind
+from dit_graft.model.checkpoints import CheckpointLayout, register_layout
+from dit_graft.model.conditions import Conditions
+from dit_graft.model.family import Family, register_family
+from dit_graft.model.io import assign_state, build_from_config, meta_state
+from dit_graft.model.site import AttentionCaps, BlockGroup, Site, Streams, TokenGrid, block_paths
 
 # FLUX.1-dev's defaults: 1024 px images (128×128 latents), 512 T5 tokens, guidance 3.5.
 DEFAULT_LATENT = 128
 EXAMPLE_TEXT_TOKENS = 512
 GUIDANCE = 3.5
 
-
-def _grid(model: nn.Module) -> JointGrid:
-    return getattr(model, "_dit_graft_grid", None) or JointGrid()
+JOINT_ARGS = ("hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
 
 
-def _sites(model: nn.Module) -> list[FamilySite]:
-    grid = _grid(model)
-    cfg = model.config
-    dim, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
-    sites = []
-    for i, block in enumerate(model.transformer_blocks):
-        for path in block_paths(block, f"transformer_blocks.{i}"):  # a parallel_blocks pair: both branches
-            sites.append(FamilySite(f"{path}.attn", "attention", i, dim, heads, grid, group="double"))
-            sites.append(FamilySite(f"{path}.ff", "mlp", i, dim, None, grid, group="double"))
-    for i, block in enumerate(model.single_transformer_blocks):
-        for path in block_paths(block, f"single_transformer_blocks.{i}"):
-            sites.append(FamilySite(f"{path}.attn", "attention", i, dim, heads, grid, group="single"))
-    return sites
+class JointAttentionAdapter(AttentionAdapter):
+    """FLUX's joint attention: one sequence [text; image], RoPE on q and k, the cores see T text tokens in front.
 
+    Double-stream blocks (`encoder_hidden_states` given): text and image tokens have their own projections and
+    per-head RMS norms (`add_q_proj`/`to_q`, `norm_added_q`/`norm_q`, ...) and output projections (`to_add_out`,
+    `to_out`); the output is (image, text). Single-stream blocks hold the joint sequence already (its text length
+    is the one the model's forward recorded) and return it without projection (`proj_out` mixes attention and
+    MLP). RoPE (`image_rotary_emb`, text ids first) is applied as the teacher's processor applies it, after the
+    norms, so a core's softmax parts see the teacher's q·k.
+    """
 
-def _builders(site: FamilySite, op: str):
-    if site.kind != "attention":
-        return GENERIC
-    if op in JOINT_REFUSED:
-        raise UnsupportedOperator(
-            f"operator {op!r} is not supported on the flux family's attention sites: {JOINT_REFUSED[op]} "
-            f"(supported there: {', '.join(JOINT_BUILDERS)})"
-        )
-    return JOINT_BUILDERS.get(op)
+    caps = AttentionCaps(keys=True, grid_dims=2, text="prefix")
 
+    def check(self, attn: nn.Module, op: str) -> None:
+        if not all(hasattr(attn, a) for a in ("to_q", "to_k", "to_v", "norm_q", "norm_k", "head_dim")):
+            raise ValueError(f"the FLUX {op} processor needs a FluxAttention (got {type(attn).__name__})")
+        if getattr(attn, "fused_projections", False):
+            raise ValueError(f"the FLUX {op} processor needs unfused projections (call unfuse_qkv_projections first)")
 
-def _install_grid(model: nn.Module) -> JointGrid:
-    """Records the image grid (from img_ids) and the text length of every forward call."""
-    grid = getattr(model, "_dit_graft_grid", None)
-    if grid is not None:
-        return grid
-    grid = JointGrid()
+    def qkv(self, attn, args, kwargs):
+        a = bind(args, kwargs, JOINT_ARGS)
+        x, context, rotary = a["hidden_states"], a.get("encoder_hidden_states"), a.get("image_rotary_emb")
+        if a.get("attention_mask") is not None:
+            raise ValueError("FLUX's grafted attention takes no attention mask")
+        heads = (attn.to_q.out_features // attn.head_dim, attn.head_dim)
+        q = attn.norm_q(attn.to_q(x).unflatten(-1, heads))  # (B, N, H, d)
+        k = attn.norm_k(attn.to_k(x).unflatten(-1, heads))
+        v = attn.to_v(x).unflatten(-1, heads)
+        if context is not None:
+            text = context.shape[1]
+            tq = attn.norm_added_q(attn.add_q_proj(context).unflatten(-1, heads))  # (B, T, H, d)
+            tk = attn.norm_added_k(attn.add_k_proj(context).unflatten(-1, heads))
+            tv = attn.add_v_proj(context).unflatten(-1, heads)
+            q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)  # (B, L, H, d)
+        else:
+            if self.grid.text is None:
+                raise ValueError("FLUX's single-stream attention needs the text length (run it inside the FLUX model)")
+            text = self.grid.text
+        if rotary is not None:
+            q = apply_rotary_emb(q, rotary, sequence_dim=1)
+            k = apply_rotary_emb(k, rotary, sequence_dim=1)
+        layout = self.layout(q.shape[1] - text, text=text)
+        ctx = AttnContext(dtype=q.dtype, extra={"double": context is not None, "text": text})
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout, ctx  # (B, H, L, d)
 
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        text = kwargs.get("encoder_hidden_states")
-        ids = kwargs.get("img_ids")
-        g = module._dit_graft_grid  # the module's own grid: a deep copy shares this function, not the grid
-        g.text = text.shape[1] if text is not None else None
-        g.hw = None  # unknown (meta tensors, no ids): operators fall back to a square grid
-        if ids is not None and not ids.is_meta:
-            ids = ids[0] if ids.ndim == 3 else ids
-            hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
-            g.hw = hw if hw[0] * hw[1] == x.shape[1] else None
+    def output(self, attn, o, ctx):
+        o = o.transpose(1, 2).flatten(2).to(ctx.dtype)  # (B, L, C)
+        if not ctx.extra["double"]:
+            return o  # single-stream block: its proj_out mixes attention and MLP
+        text = ctx.extra["text"]
+        o_text, o_image = o.split([text, o.shape[1] - text], dim=1)
+        return attn.to_out[1](attn.to_out[0](o_image.contiguous())), attn.to_add_out(o_text.contiguous())
 
-    model.register_forward_pre_hook(hook, with_kwargs=True)
-    object.__setattr__(model, "_dit_graft_grid", grid)
-    return grid
+    def call_tokens(self, args, kwargs):
+        """(N, T): a double-stream block's image tokens and the text beside them, or a single-stream block's joint
+        sequence split by the recorded text length."""
+        a = bind(args, kwargs, JOINT_ARGS)
+        x, context = a["hidden_states"], a.get("encoder_hidden_states")
+        if x.ndim != 3 or a.get("attention_mask") is not None:
+            return None
+        if context is not None:
+            return x.shape[1], context.shape[1]
+        if self.grid.text is None:
+            return None
+        return x.shape[1] - self.grid.text, self.grid.text
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -262,15 +276,47 @@ def is_bfl_flux(keys) -> bool:
     return "img_in.weight" in keys and any(k.startswith("double_blocks.") for k in keys)
 
 
-def bfl_config(keys, base: dict[str, Any]) -> dict[str, Any]:
-    """`base` (FLUX.1-dev's config) with the block counts and the guidance embedder a BFL checkpoint's keys show."""
-    keys = {k.removeprefix(BFL_PREFIX) for k in keys}
-    count = lambda prefix: len({k.split(".")[1] for k in keys if k.startswith(prefix)})
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """FLUX.1's RoPE split (16, 56, 56) of head dim 128, in the same proportions for other head dims (parts even)."""
+    first = max(2, 2 * round(head_dim / 16))
+    rows = 2 * ((head_dim - first) // 4)
+    cols = head_dim - first - rows
+    if min(rows, cols) <= 0 or cols % 2:
+        raise InputError(f"cannot split head dim {head_dim} into FLUX's three even RoPE axes: set model.config")
+    return first, rows, cols
+
+
+def bfl_config(shapes: dict[str, Any], hints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The FluxTransformer2DModel config of a BFL checkpoint, read off its keys and shapes (module doc)."""
+    shapes = {k.removeprefix(BFL_PREFIX): tuple(v) for k, v in shapes.items()}
+
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
+        if key not in shapes:
+            raise IntegrityError(f"the BFL FLUX checkpoint lacks {key!r}")
+        if len(shapes[key]) != ndim:
+            raise IntegrityError(f"{key!r} has shape {shapes[key]}, expected {ndim} dimensions")
+        return shapes[key]
+
+    count = lambda prefix: 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith(prefix)), default=-1)
+    hidden, in_channels = shape("img_in.weight", 2)
+    norm = "double_blocks.0.img_attn.norm.query_norm.scale"
+    head_dim = shape(norm if norm in shapes else "single_blocks.0.norm.query_norm.scale", 1)[0]
+    if hidden % head_dim:
+        raise IntegrityError(f"the width {hidden} is not a multiple of the head dim {head_dim} (the norm scales)")
+    out_channels = shape("final_layer.linear.weight", 2)[0]
     return {
-        **base,
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "out_channels": None if out_channels == in_channels else out_channels,
         "num_layers": count("double_blocks."),
         "num_single_layers": count("single_blocks."),
-        "guidance_embeds": "guidance_in.in_layer.weight" in keys,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim,
+        "joint_attention_dim": shape("txt_in.weight", 2)[1],
+        "pooled_projection_dim": shape("vector_in.in_layer.weight", 2)[1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
+        "axes_dims_rope": list(rope_axes(head_dim)),
     }
 
 
@@ -339,17 +385,23 @@ def load_bfl_flux(header: dict[str, list[int]], config: dict[str, Any], read, me
     The model is built without weights and the keys and shapes are checked from the header alone (all a dry run
     does); then `read()` loads the tensors, which are converted and assigned in the model's dtype.
     """
-    from dit_graft.loading import build_from_config
-
-    with init_empty_weights(include_buffers=meta):
-        model = build_from_config(config)
-    convert_bfl_flux_state_dict({k: torch.empty(s, device="meta") for k, s in header.items()}, model)
+    model = build_from_config(config, meta=True)
+    convert_bfl_flux_state_dict(meta_state(header), model)
     if meta:
         return model.eval()
-    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-    converted = convert_bfl_flux_state_dict(read(), model)
-    model.load_state_dict({k: v.to(dtypes[k]) for k, v in converted.items()}, strict=True, assign=True)
-    return model.eval()
+    return assign_state(model, convert_bfl_flux_state_dict(read(), model)).eval()
+
+
+register_layout(
+    CheckpointLayout(
+        name="bfl-flux",
+        family="flux",
+        detect=is_bfl_flux,
+        convert=convert_bfl_flux_state_dict,
+        infer_config=lambda shapes, hints: bfl_config(shapes, hints),
+        priority=10,
+    )
+)
 
 
 # Double blocks take and return (text, image). Single blocks do too in current diffusers; older releases pass
@@ -358,28 +410,99 @@ TEXT_IMAGE = Streams(("encoder_hidden_states", "hidden_states"))
 _SINGLE_ARGS = inspect.signature(FluxSingleTransformerBlock.forward).parameters
 SINGLE_STREAMS = TEXT_IMAGE if "encoder_hidden_states" in _SINGLE_ARGS else Streams()
 
-FLUX = FAMILIES.register("flux")(
-    Family(
-        name="flux",
-        classes=("FluxTransformer2DModel",),
-        objective="flow_velocity",
-        sites=_sites,
-        install_grid=_install_grid,
-        example_inputs=_example_inputs,
-        forward=_forward,
-        num_layers=lambda model: len(model.transformer_blocks) + len(model.single_transformer_blocks),
-        blocks=lambda model: [*model.transformer_blocks, *model.single_transformer_blocks],
-        sample=_sample,
-        conditions=_conditions,
-        null_conditions=lambda model, source=None: None,
-        noise=lambda model, x0, gen: flow_noise(x0, gen),
-        latent_shape=_latent_shape,
-        vae_scale=lambda model: 8,
-        groups=("double", "single"),
-        builders=_builders,
-        depth_groups=(
-            BlockGroup("double", "transformer_blocks", "num_layers", TEXT_IMAGE),
-            BlockGroup("single", "single_transformer_blocks", "num_single_layers", SINGLE_STREAMS),
-        ),
+
+class FluxFamily(Family):
+    name = "flux"
+    classes = ("FluxTransformer2DModel",)
+    objective = "flow_velocity"
+    groups = ("double", "single")
+    depth_groups = (
+        BlockGroup("double", "transformer_blocks", "num_layers", TEXT_IMAGE),
+        BlockGroup("single", "single_transformer_blocks", "num_single_layers", SINGLE_STREAMS),
     )
-)
+
+    def sites(self, model: nn.Module) -> list[Site]:
+        grid = self.grid(model)
+        adapter = JointAttentionAdapter(grid)
+        cfg = model.config
+        dim, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
+        sites = []
+        for i, block in enumerate(model.transformer_blocks):
+            for path in block_paths(block, f"transformer_blocks.{i}"):  # a parallel_blocks pair: both branches
+                sites.append(Site(f"{path}.attn", "attention", i, dim, heads, grid, "double", adapter))
+                sites.append(Site(f"{path}.ff", "mlp", i, dim, None, grid, "double"))
+        for i, block in enumerate(model.single_transformer_blocks):
+            for path in block_paths(block, f"single_transformer_blocks.{i}"):
+                sites.append(Site(f"{path}.attn", "attention", i, dim, heads, grid, "single", adapter))
+        return sites
+
+    def install_grid(self, model: nn.Module) -> TokenGrid:
+        """Records the image grid (from img_ids) and the text length of every forward call."""
+        grid = getattr(model, "_dit_graft_grid", None)
+        if grid is not None:
+            return grid
+        grid = TokenGrid()
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            text = kwargs.get("encoder_hidden_states")
+            ids = kwargs.get("img_ids")
+            g = module._dit_graft_grid  # the module's own grid: a deep copy shares this function, not the grid
+            g.text = text.shape[1] if text is not None else None
+            g.shape = None  # unknown (meta tensors, no ids): operators fall back to a square grid
+            if ids is not None and not ids.is_meta:
+                ids = ids[0] if ids.ndim == 3 else ids
+                hw = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+                g.shape = hw if hw[0] * hw[1] == x.shape[1] else None
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        object.__setattr__(model, "_dit_graft_grid", grid)
+        return grid
+
+    def stock_processor(self, site: Site) -> Any:
+        return FluxAttnProcessor()
+
+    def example_inputs(self, model, batch, resolution, device):
+        return _example_inputs(model, batch, resolution, device)
+
+    def forward(self, model, x, t, cond):
+        return _forward(model, x, t, cond)
+
+    def sample(self, model, noise, cond, steps=28, cfg=1.0, null=None):
+        return _sample(model, noise, cond, steps, cfg, null)
+
+    def conditions(self, model, n, source=None):
+        return _conditions(model, n, source)
+
+    def noise(self, model, x0, gen):
+        return flow_noise(x0, gen)
+
+    def latent_shape(self, model, resolution=None):
+        return _latent_shape(model, resolution)
+
+    def latent_multiple(self, model) -> int:
+        return 2  # the 2×2 packing
+
+    def tiny_config(self) -> dict[str, Any]:
+        return dict(
+            _class_name="FluxTransformer2DModel",
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            pooled_projection_dim=12,
+            guidance_embeds=True,
+            axes_dims_rope=[2, 2, 4],
+        )
+
+    def tiny_inputs(self, model, batch=2, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, *self.latent_shape(model, 8), generator=gen)
+        _, t, _ = self.noise(model, x, gen)
+        return {"x": x, "t": t, "cond": self.conditions(model, batch)}
+
+
+FLUX = register_family(FluxFamily())

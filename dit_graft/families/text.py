@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from dit_graft.errors import IntegrityError
-from dit_graft.families.base import Conditions
+from dit_graft.model.conditions import Conditions
+from dit_graft.model.io import read_safetensors
 
 SYNTHETIC_CAPTIONS = 8
 SYNTHETIC_TOKENS = 16
@@ -42,8 +43,6 @@ def synthetic_captions(dim: int, pooled_dim: int | None = None, tokens: int = SY
 
 def read_captions(path: str | Path, dim: int, pooled_dim: int | None = None, masks: bool = True) -> Conditions:
     """Cached caption embeddings, every key and shape checked against the model's widths."""
-    from dit_graft.loading import read_safetensors
-
     path = Path(path)
     data = read_safetensors(path)
     need = (

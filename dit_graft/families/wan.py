@@ -629,7 +629,7 @@ def load_original_wan(header: dict[str, list[int]], read, meta: bool = False, nu
     """
     from accelerate import init_empty_weights
 
-    from dit_graft.loading import build_from_config
+    from dit_graft.model.io import build_from_config
 
     config = original_wan_config(header, num_heads)
     with init_empty_weights(include_buffers=meta):

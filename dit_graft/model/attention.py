@@ -158,10 +158,6 @@ class AttentionCore(nn.Module, abc.ABC):
     ) -> torch.Tensor:
         """[B, H, Nq, d] attention outputs."""
 
-    def core_flops(self, site: Any, layout: TokenLayout) -> int | None:
-        """FLOPs of one call (operators fill this in through their formulas); None: no formula."""
-        return None
-
 
 class GraftedAttnProcessor(nn.Module):
     """The one processor class installed on every family's attention modules: adapter + core."""
@@ -179,11 +175,6 @@ class GraftedAttnProcessor(nn.Module):
         q, k, v, layout, ctx = self.adapter.qkv(attn, args, kwargs)
         o = self.core(q, k, v, layout, ctx.key_mask)
         return self.adapter.output(attn, o, ctx)
-
-    def core_flops(self, site: Any, tokens: int, text: int) -> int | None:
-        """The core's FLOPs for one call of `tokens` grid and `text` text tokens (a cost report's formula)."""
-        grid = site.grid.find(tokens)
-        return self.core.core_flops(site, TokenLayout(text=text, grid=grid, tokens=tokens))
 
     def extra_repr(self) -> str:
         return f"adapter={type(self.adapter).__name__}, op={self.core.op}"

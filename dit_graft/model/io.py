@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import pickle
+import re
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from dit_graft.errors import IntegrityError, RecipeError
@@ -93,3 +98,48 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         out[k] = v
     model.load_state_dict(out, strict=True, assign=True)
     return model
+
+
+def _unpickle_refusal(err: pickle.UnpicklingError) -> str:
+    """The reason torch's weights-only unpickler gave (e.g. the code-running global it met), on one line."""
+    m = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(err))
+    return f" ({m.group(0)})" if m else ""
+
+
+def read_checkpoint(path: str | PathLike) -> dict[str, torch.Tensor]:
+    """A flat name → tensor dict from .safetensors or weights-only .pt/.pth/.bin (training nesting unwrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrityError(f"{path}: no such checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            obj = load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise IntegrityError(f"{path}: corrupt or truncated safetensors file ({err})") from err
+    elif suffix in (".pt", ".pth", ".bin"):
+        try:
+            # DiT's train.py stores its argparse Namespace under "args"; Namespace is a plain attribute bag.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise IntegrityError(
+                f"{path}: refused to unpickle: not a tensors-only pickle{_unpickle_refusal(err)}"
+            ) from err
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise IntegrityError(f"{path}: unreadable torch checkpoint ({reason})") from err
+    else:
+        raise IntegrityError(f"{path}: unknown checkpoint suffix {suffix!r} (use .safetensors, .pt, .pth or .bin)")
+
+    if isinstance(obj, dict):
+        for nest in ("ema", "model", "state_dict"):  # EMA weights are the ones DiT samples with
+            if isinstance(obj.get(nest), dict):
+                obj = obj[nest]
+                break
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise IntegrityError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return obj

@@ -68,7 +68,10 @@ class TokenLayout:
     def require_grid(self, op: str, dims: tuple[int, ...] = (2, 3)) -> tuple[int, ...]:
         """The grid, or a ValueError saying that operator `op` needs one of `dims` dimensions."""
         if self.grid is None:
-            raise ValueError(f"the {op} operator needs the token grid of the call (none recorded, not square)")
+            raise ValueError(
+                f"the {op} operator needs the token grid of the call: cannot infer a token grid for {self.tokens} "
+                "tokens (no grid recorded, not square)"
+            )
         if len(self.grid) not in dims:
             raise ValueError(f"the {op} operator works on {' or '.join(f'{d}-D' for d in dims)} grids, not {self.grid}")
         return self.grid

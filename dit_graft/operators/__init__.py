@@ -14,6 +14,6 @@ from dit_graft.operators import (  # noqa: F401
     sparse,
     swa,
 )
-from dit_graft.operators.base import OPERATORS, Operator, Options, Site, TokenGrid
+from dit_graft.operators.base import OPERATORS, Case, Operator, Options, Site, TokenGrid, UnsupportedOperator
 
-__all__ = ["OPERATORS", "Operator", "Options", "Site", "TokenGrid"]
+__all__ = ["OPERATORS", "Case", "Operator", "Options", "Site", "TokenGrid", "UnsupportedOperator"]

@@ -1,16 +1,20 @@
-"""The operator registry: what an operator is and how the walker installs what it builds.
+"""The operator registry: what an operator is, how the walker builds what it installs, and shared helpers.
 
-Also the helpers that several operators share (self-attention plumbing, the masked-softmax processor,
-the token-grid and sequence-band geometry of `local` and `swa`, identity-initialised depthwise convs, FFN
-inheritance and unit importance), so that no operator module imports another: `local`, `swa` and FLUX's
-joint processors (`text_attention`) read the same window rules from here.
+An attention operator is a core (`dit_graft.model.attention.AttentionCore`) computing attention on
+[B, H, N, d] given the call's `TokenLayout`; the walker puts it in a `GraftedAttnProcessor` with the family's
+adapter for the site (`build_replacement`). The operator declares what it needs (`Operator.needs`: a grid and
+its dimensions, keys, the text arrangements it handles) and what options a site cannot take (`Operator.check`);
+`refusal` applies both at plan time, so an operator is refused with its reason before anything is built.
+
+Also the helpers that several operators share (the token-grid and sequence-band geometry of `local` and
+`swa`, masked softmax, identity-initialised depthwise convs, FFN inheritance and unit importance), so that no
+operator module imports another.
 """
 
 from __future__ import annotations
 
-import abc
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,7 +24,12 @@ from diffusers.models.attention import FeedForward
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from dit_graft.model.attention import AttentionCore, AttentionNeeds, GraftedAttnProcessor
+from dit_graft.model.layout import TokenLayout
+from dit_graft.model.site import Site, TokenGrid
 from dit_graft.registry import Registry
+
+__all__ = ["Site", "TokenGrid"]  # re-exported from dit_graft.model for older imports; the rest is public too
 
 
 class Options(BaseModel):
@@ -29,52 +38,36 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TokenGrid:
-    """The (height, width) of the current token grid, set by a hook on the model's forward."""
+@dataclass(frozen=True)
+class Case:
+    """A contract-test case an operator declares: options to run it with, and whether they equal the teacher.
 
-    def __init__(self, hw: tuple[int, int] | None = None) -> None:
-        self.hw = hw
+    `exact`: at these options the operator computes the teacher's attention (full coverage: a window over the
+    whole grid, every block kept), so the contract suite checks the student against the teacher. Cases for the
+    `(family, site group)` pairs in `only` run there alone (empty: everywhere the operator is accepted).
+    """
 
-    def resolve(self, n: int) -> tuple[int, int]:
-        """Grid for a sequence of n tokens: the recorded one, else a square one."""
-        if self.hw is not None and self.hw[0] * self.hw[1] == n:
-            return self.hw
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise ValueError(f"cannot infer a token grid for {n} tokens (no grid recorded, not square)")
-        return side, side
-
-    def call_tokens(self, hidden_states, encoder_hidden_states, attention_mask) -> tuple[int, int] | None:
-        """(N, T) of one attention call at a site on this grid: N image tokens, T text tokens in the same sequence.
-
-        Plain self-attention on (B, N, C) tokens is (N, 0); a call with a context (cross-attention) or a mask is
-        None: no FLOP formula describes it. Grids of joint text-image sequences (FLUX) override this.
-        """
-        if hidden_states.ndim != 3 or encoder_hidden_states is not None or attention_mask is not None:
-            return None
-        return hidden_states.shape[1], 0
+    options: dict[str, Any] = field(default_factory=dict)
+    exact: bool = False
+    only: tuple[str, ...] = ()
 
 
-@dataclass
-class Site:
-    """One place in a model where an operator can go: an attention module or an MLP."""
-
-    path: str  # module path, e.g. "transformer_blocks.3.attn1"
-    kind: Literal["attention", "mlp"]
-    layer: int
-    dim: int  # model width at this site
-    heads: int | None = None  # teacher's attention heads (attention sites)
-    grid: TokenGrid = field(default_factory=TokenGrid, repr=False)
+class UnsupportedOperator(ValueError):
+    """An operator a site cannot take; the message says why."""
 
 
 @dataclass(frozen=True)
 class Operator:
-    """An operator: `build(old_module, site, options)` returns the module that replaces `old_module`.
+    """An operator and how the walker builds what it installs.
 
-    `installs` says how the walker puts it in: as the attention module's processor (the Attention and
-    its to_q/to_k/to_v/to_out stay and are inherited for free), as a replacement module, or, for
-    `structure` edits (site `depth`), not through `build` at all: the operator's `structure` hooks
-    resolve the edit to data and change the block list (see `dit_graft.operators.depth`).
+    - attention operators (`site: attention`, `installs: processor`): `core(site, options)` returns the
+      `AttentionCore`; the walker joins it with the family's adapter in a `GraftedAttnProcessor`. `core` None:
+      the site's stock processor (the `softmax` operator). `needs` (an `AttentionNeeds`) is checked against the
+      site's `AttentionCaps` at plan time; `check(site, options)` raises ValueError for options the site cannot
+      take (e.g. a conv over the keys of cross-attention)
+    - MLP operators (`installs: module`): `build(old_module, site, options)` returns the replacement module
+    - depth operators (`installs: structure`, site `depth`): the `structure` hooks resolve the edit to data and
+      change the block list (see `dit_graft.operators.depth`)
 
     `flops(site, tokens, options) -> int`, when given, is the attention core's forward FLOPs for one
     image of `tokens` tokens at `site`, as the operator's kernel does the work (a masked or sparse
@@ -82,25 +75,33 @@ class Operator:
     that the two add up: 2 FLOPs per multiply-add, matmuls and convolutions only (no softmax, no
     elementwise products, no bias adds); the Attention's q/k/v/out projections are excluded (no
     processor changes them; FlopCounterMode measures them), the operator's own layers included.
+    With a text prefix (`layout_flops`), the text rows and text keys add softmax's pairs (CLEAR's rule) unless
+    the operator gives its own `prefix_flops(site, layout, options)`.
 
     These formulas are dit-graft's one FLOP-correction mechanism (`attention_core_flops`): a cost
     report measures a model with FlopCounterMode and replaces each attention site's core by its
-    formula. Formulas were kept over corrections that processors accumulate while running (the other
-    mechanism there was): they are pure functions of shapes and options, so they also serve where
-    nothing runs (`dit-graft operators`, the benchmarks' ratios), they are tested against
-    FlopCounterMode on the dense PyTorch paths, and a processor's forward keeps no counting state.
-    FLUX's joint processors compose theirs from these (`text_attention.clear_flops`).
+    formula. They are pure functions of shapes and options, so they also serve where nothing runs
+    (`dit-graft operators`, the benchmarks' ratios), and they are tested against FlopCounterMode on
+    the dense PyTorch paths.
+
+    `cases` are the operator's contract-test cases (`Case`): the suite in tests/test_contract.py runs each one
+    on every family's tiny model where the operator is accepted.
     """
 
     name: str
     site: Literal["attention", "mlp", "depth"]
     summary: str
     options: type[Options]
-    build: Any  # Callable[[nn.Module, Site, Options], nn.Module | None]
+    build: Any = None  # Callable[[nn.Module, Site, Options], nn.Module] (MLP operators)
     installs: Literal["processor", "module", "structure"] = "processor"
     paper: str = ""
     flops: Any = None  # Callable[[Site, int, Options], int] | None
     structure: Any = None  # depth operators: a dit_graft.operators.depth.Restructure (plan, check, apply, ...)
+    core: Any = None  # attention operators: Callable[[Site, Options], AttentionCore]; None: the stock processor
+    needs: AttentionNeeds = AttentionNeeds()
+    check: Any = None  # Callable[[Site, Options], None]: ValueError for options this site cannot take
+    prefix_flops: Any = None  # Callable[[Site, TokenLayout, Options], int]: FLOPs with a text prefix
+    cases: tuple[Case, ...] = (Case(),)
 
     def parse_options(self, raw: dict[str, Any]) -> Options:
         return self.options.model_validate(raw)
@@ -110,69 +111,143 @@ OPERATORS: Registry[Operator] = Registry("operator")
 
 
 def register(op: Operator) -> Operator:
-    """Registers an operator under its name; what its builder returns is tagged with (name, options).
+    """Registers an operator under its name."""
+    if op.site == "attention" and op.installs == "processor" and op.build is not None:
+        raise ValueError(f"attention operator {op.name!r}: give a core, not a build function")
+    return OPERATORS.register(op.name)(op)
 
-    The tag (`installed_operator`) lets cost reports find the operator and its options on a grafted
-    model without the plan.
-    """
-    build = op.build
 
-    def tagged_build(old: nn.Module, site: Site, options: Options):
-        new = build(old, site, options)
-        if new is not None:
-            new._dit_graft_operator = (op.name, options)
-        return new
-
-    return OPERATORS.register(op.name)(replace(op, build=tagged_build))
+def tag(module: Any, op: Operator, options: Options) -> Any:
+    """Tags what an operator built with (name, options): cost reports find the operator on a grafted model."""
+    if module is not None:
+        module._dit_graft_operator = (op.name, options)
+    return module
 
 
 def installed_operator(module: Any) -> tuple[Operator, Options] | None:
     """The operator and options that built `module` (a processor or a replacement module), if one did."""
-    tag = getattr(module, "_dit_graft_operator", None)
-    if tag is None:
+    tagged = getattr(module, "_dit_graft_operator", None)
+    if tagged is None:
         return None
-    return OPERATORS.get(tag[0]), tag[1]
+    return OPERATORS.get(tagged[0]), tagged[1]
+
+
+def refusal(op: Operator, site: Site, options: Options | None = None) -> str | None:
+    """Why `site` cannot take `op` (with `options`); None when it can. The one plan-time rule."""
+    if op.site != site.kind:
+        return f"it is a {op.site} operator"
+    if op.site == "attention" and op.installs == "processor":
+        if site.adapter is None:
+            return "the site has no attention adapter"
+        reason = op.needs.refusal(site.attention)
+        if reason is not None:
+            return reason
+    if op.check is not None and options is not None:
+        try:
+            op.check(site, options)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def accepted(site: Site) -> list[str]:
+    """The operators whose needs the site meets (some options may still be refused there)."""
+    return [
+        name
+        for name, op in OPERATORS.items()
+        if op.site == site.kind and op.installs != "structure" and refusal(op, site) is None
+    ]
+
+
+def build_replacement(op: Operator, family: Any, site: Site, old: nn.Module, options: Options) -> Any:
+    """What `op` installs at `site` (a processor, or a module); ValueError (UnsupportedOperator) saying why not."""
+    reason = refusal(op, site, options)
+    if reason is not None:
+        raise UnsupportedOperator(reason)
+    if op.site == "attention" and op.installs == "processor":
+        if op.core is None:
+            return tag(family.stock_processor(site), op, options)
+        site.adapter.check(old, op.name)
+        return tag(GraftedAttnProcessor(site.adapter, op.core(site, options)), op, options)
+    return tag(op.build(old, site, options), op, options)
 
 
 # diffusers' own processors: the teacher's softmax attention (FLUX's over the joint text-image sequence)
 STOCK_SOFTMAX_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FluxAttnProcessor", "FluxAttnProcessor2_0")
 
 
+def layout_flops(op: Operator, site: Site, layout: TokenLayout, options: Options) -> int | None:
+    """The core's FLOPs of one call with this layout: the operator's formula, CLEAR's composition with text.
+
+    Without text: `op.flops` on the N grid tokens. With a text prefix of T tokens (L = T + N): the operator's
+    `prefix_flops`, else the text rows over all L keys + the image rows over the T text keys (softmax pairs) +
+    `op.flops` on the N image tokens (softmax's 4·N²·C makes the total 4·L²·C). Cross-attention: None.
+    """
+    if op.flops is None or layout.is_cross:
+        return None
+    n, t = layout.image, layout.text
+    if t == 0:
+        return op.flops(site, n, options)
+    if op.prefix_flops is not None:
+        return op.prefix_flops(site, layout, options)
+    return attention_pairs_flops(t * (t + n) + n * t, site.dim) + op.flops(site, n, options)
+
+
 def attention_core_flops(processor: Any, site: Site, tokens: int, text: int = 0) -> int | None:
     """The attention core's FLOPs of one call with `tokens` image and `text` text tokens, by formula; None: no formula.
 
-    The processor's own `core_flops(site, tokens, text)` (FLUX's joint processors), else the formula of the
-    operator that built it (`Operator.flops`, self-attention only), else softmax's for diffusers' own processors
-    over the whole sequence. Where this is None, a cost report keeps FlopCounterMode's measurement.
+    The formula of the operator that built the processor (`layout_flops`), else softmax's for diffusers' own
+    processors over the whole sequence. Where this is None, a cost report keeps FlopCounterMode's measurement.
     """
-    own = getattr(processor, "core_flops", None)
-    if callable(own):
-        return own(site, tokens, text)
-    if type(processor).__name__ in STOCK_SOFTMAX_PROCESSORS:
-        softmax = OPERATORS.get("softmax")
-        return softmax.flops(site, tokens + text, softmax.parse_options({}))
     found = installed_operator(processor)
-    if found is None or found[0].flops is None or text:
+    if found is None and type(processor).__name__ in STOCK_SOFTMAX_PROCESSORS:
+        found = OPERATORS.get("softmax"), OPERATORS.get("softmax").parse_options({})
+    if found is None:
         return None
     op, options = found
-    return op.flops(site, tokens, options)
+    layout = TokenLayout(text=text, grid=site.grid.find(tokens), tokens=tokens)
+    return layout_flops(op, site, layout, options)
+
+
+def key_bias(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An SDPA boolean mask (B, 1, 1, Nk) from a (B, Nk) key mask; None stays None."""
+    return None if key_mask is None else key_mask[:, None, None, :]
+
+
+class MaskedCore(AttentionCore):
+    """Exact softmax with a boolean mask over the image pairs (`image_mask(layout, device)`), CLEAR's rule with text.
+
+    Masks are cached per key (layout, device); `image_mask` returning None means every image key is visible.
+    """
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    def image_mask(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def mask_key(self, layout: TokenLayout) -> tuple:
+        return (layout.text, layout.grid, layout.image)
+
+    def mask(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        key = (*self.mask_key(layout), device)
+        if key not in self._masks:
+            self._masks[key] = layout.pair_mask(self.image_mask(layout, device))
+        return self._masks[key]
+
+    def forward(self, q, k, v, layout: TokenLayout, key_mask=None):
+        if layout.is_cross:
+            raise ValueError(f"the {self.op} operator does not take cross-attention")
+        mask = self.mask(layout, q.device)
+        if key_mask is not None:
+            mask = key_bias(key_mask) if mask is None else mask & key_bias(key_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def new_parameters(module: nn.Module) -> list[str]:
     """Names of the parameters a built processor/module adds (all of them: builders add only new ones)."""
     return [n for n, _ in module.named_parameters()]
-
-
-def to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, C) → (B, H, N, C/H)."""
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
-
-
-def from_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, N, d) → (B, N, H·d)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 def band_pairs(n: int, reach: int) -> int:
@@ -246,69 +321,6 @@ def block_share(name: str, value: int | float, zero_ok: bool = False) -> int | f
     return value
 
 
-def check_self_attention(attn: nn.Module, op: str) -> None:
-    """Refuses Attention features the grafted processors do not reproduce, before anything is swapped."""
-    unsupported = {
-        "cross-attention": getattr(attn, "is_cross_attention", False),
-        "spatial_norm": getattr(attn, "spatial_norm", None) is not None,
-        "group_norm": getattr(attn, "group_norm", None) is not None,
-        "residual_connection": getattr(attn, "residual_connection", False),
-        "rescale_output_factor": getattr(attn, "rescale_output_factor", 1.0) != 1.0,
-    }
-    found = [k for k, v in unsupported.items() if v]
-    if found:
-        raise ValueError(f"the {op} operator replaces plain self-attention only (this one has {', '.join(found)})")
-
-
-def self_attention_qkv(
-    attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states, attention_mask, op: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, H, N, d) from the Attention's own projections and norm_q/norm_k; refuses context and masks."""
-    if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
-        raise ValueError(f"the {op} operator replaces self-attention on (B, N, C) tokens only (no context)")
-    q = to_heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
-    k = to_heads(attn.to_k(hidden_states), attn.heads)
-    v = to_heads(attn.to_v(hidden_states), attn.heads)
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    return q, k, v
-
-
-def attention_output(attn: nn.Module, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The Attention's output projection and dropout applied to per-head outputs o (B, H, N, d) → (B, N, C)."""
-    o = attn.to_out[0](from_heads(o).to(dtype))  # (B, N, C)
-    return attn.to_out[1](o)
-
-
-class MaskedSoftmaxProcessor(nn.Module, abc.ABC):
-    """Exact softmax self-attention with the Attention's projections and a boolean mask from `mask(n, device)`.
-
-    Subclasses define `mask`; masks are cached per key; `None` means no mask (every key visible).
-    """
-
-    op = "masked softmax"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._masks: dict[tuple, torch.Tensor | None] = {}
-
-    @abc.abstractmethod
-    def mask(self, n: int, device: torch.device) -> torch.Tensor | None:
-        """The (n, n) boolean mask of visible keys for n tokens, or None when every key is visible."""
-
-    def cached(self, key: tuple, build) -> torch.Tensor | None:
-        if key not in self._masks:
-            self._masks[key] = build()
-        return self._masks[key]
-
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        q, k, v = self_attention_qkv(attn, hidden_states, encoder_hidden_states, attention_mask, self.op)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q.shape[2], q.device))  # (B, H, N, d)
-        return attention_output(attn, o, q.dtype)
-
-
 def identity_depthwise(conv: nn.Conv2d) -> nn.Conv2d:
     """Sets a depthwise conv to the identity: centre tap 1, others 0, bias 0."""
     k = conv.kernel_size[0]
@@ -353,3 +365,27 @@ def inherit(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         raise ValueError(f"cannot inherit {name}: student shape {tuple(dst.shape)} != teacher {tuple(src.shape)}")
     with torch.no_grad():
         dst.copy_(src)
+
+
+def prefix_block_sparse(q, k, v, layout: TokenLayout, image_blocks: torch.Tensor, block: int, attend, scores: int):
+    """Block-sparse softmax (B, H, L, d) with CLEAR's rule: text rows over every key, image rows over the text keys
+    and the image key blocks `image_blocks` keeps ((B, H, nb, nb) bool, the first block at the first image token).
+
+    `attend(q, k, v, index, block)` is the block-sparse kernel. When the text fills whole blocks, one block map
+    covers the joint sequence (`TokenLayout.block_map`); otherwise text and image tokens would share a block and
+    the sparse part runs as one SDPA with the equivalent token mask (`TokenLayout.pair_mask`): same result, dense
+    work. Off CUDA a few heads at a time (at most `scores` scores per call).
+    """
+    b, heads, length, _ = q.shape
+    n = layout.image
+    step = heads if q.is_cuda else max(1, scores // (b * length * length))
+    index = layout.block_map(image_blocks, block)
+    parts = []
+    for s in range(0, heads, step):
+        sl = slice(s, s + step)
+        if index is not None:
+            parts.append(attend(q[:, sl], k[:, sl], v[:, sl], index[:, sl], block))
+        else:
+            kept = image_blocks[:, sl].repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :n, :n]
+            parts.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], layout.pair_mask(kept)))
+    return torch.cat(parts, dim=1)

@@ -24,81 +24,18 @@ scoring, skipping and summing blocks works the same on a DiT block (one tensor) 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-from torch import nn
+from dit_graft.model.calibration import calibration_inputs, calibration_latent, is_meta
+from dit_graft.model.site import BlockGroup, Streams
+
+# moved to dit_graft.model; re-exported for older imports
+__all__ = ["BlockGroup", "Streams", "calibration_inputs", "calibration_latent", "is_meta"]
 
 DROPPED = "dropped"
 
 LayerMap = dict[int, int | Literal["dropped"]]
-
-
-@dataclass(frozen=True)
-class Streams:
-    """The residual streams a group's blocks update: the forward arguments that carry them in, named in the
-    order the block returns them (one name: the block returns that tensor; several: a tuple of them).
-
-    DiT and PixArt blocks: `("hidden_states",)`; FLUX blocks: `("encoder_hidden_states", "hidden_states")`,
-    returned as (text, image). Every stream is (B, tokens, C).
-    """
-
-    names: tuple[str, ...] = ("hidden_states",)
-
-    def inputs(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
-        """The streams `block` was called with (a hook's args/kwargs), in output order."""
-        if args:  # positional: named by the signature of the diffusers block (a pair's: its first branch's)
-            while isinstance(getattr(block, "branches", None), nn.ModuleList):
-                block = block.branches[0]
-            kwargs = inspect.signature(block.forward).bind_partial(*args, **kwargs).arguments
-        return tuple(kwargs[n] for n in self.names)
-
-    def outputs(self, out: Any) -> tuple[torch.Tensor, ...]:
-        """The streams a block returned, in order."""
-        return (out,) if len(self.names) == 1 else tuple(out)
-
-    def pack(self, streams: tuple[torch.Tensor, ...]) -> Any:
-        """Streams in the block's own output format."""
-        return streams[0] if len(self.names) == 1 else tuple(streams)
-
-    def joined(self, streams: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The streams as one token sequence (B, Σ tokens, C), text before image as FLUX joins them."""
-        return streams[0] if len(streams) == 1 else torch.cat(streams, dim=1)
-
-
-@dataclass(frozen=True)
-class BlockGroup:
-    """A list of blocks that depth edits rewrite: `model.<attr>`, counted by the config's `config_key`.
-
-    `pinned` are blocks no depth edit may drop (the model reads something from them besides their output).
-    """
-
-    name: str
-    attr: str
-    config_key: str
-    streams: Streams = Streams()
-    pinned: tuple[int, ...] = ()
-
-    def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(getattr(model, self.attr))
-
-    def num_blocks(self, model: nn.Module) -> int:
-        return len(getattr(model, self.attr))
-
-    def keep(self, model: nn.Module, kept: list[int]) -> None:
-        """Keeps the blocks `kept` (renumbered 0 … k−1) and sets the config's count: a stock model again."""
-        old = getattr(model, self.attr)
-        setattr(model, self.attr, nn.ModuleList([old[i] for i in kept]))
-        model.register_to_config(**{self.config_key: len(kept)})
-
-    def owns(self, path: str) -> bool:
-        """Whether the module at `path` lives in one of this group's blocks."""
-        return path.split(".", 1)[0] == self.attr
-
-    def path(self, index: int) -> str:
-        return f"{self.attr}.{index}"
 
 
 @dataclass
@@ -168,37 +105,3 @@ def check_spans(spans: list[list[int]], layer_map: LayerMap, num_blocks: int) ->
         targets = {layer_map[i] for i in span} - {DROPPED}
         if targets != {new}:
             raise ValueError(f"layer_map sends the blocks of span {new} ({span}) to {sorted(map(str, targets))}")
-
-
-def is_meta(model: nn.Module) -> bool:
-    return next(model.parameters()).device.type == "meta"
-
-
-def calibration_latent(model: nn.Module, family: Any, pixels: int | None) -> int | None:
-    """The latent size of calibration inputs of `pixels` pixels (None: None, the family's default size)."""
-    if pixels is None:
-        return None
-    scale = family.vae_scale(model)
-    if pixels % scale:
-        raise ValueError(f"{pixels} px is not a multiple of the VAE factor {scale}")
-    return pixels // scale
-
-
-def calibration_inputs(model: nn.Module, family: Any, n: int, seed: int, resolution: int | None = None):
-    """n seeded random teacher inputs on the model's device: latents x ~ N(0, I), timesteps, conditions.
-
-    Timesteps are uniform over the 1000 training steps (flow-matching families: σ = (k + 1) / 1000, k in
-    0 … 999); `resolution` is the latent size (default: the family's). The conditions are the family's
-    evenly spread ones in a seeded order; the global RNG is untouched.
-    """
-    from dit_graft.families.base import conditions_to, take_rows
-
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *family.latent_shape(model, resolution), generator=gen)
-    t = torch.randint(0, 1000, (n,), generator=gen)
-    if family.objective == "flow_velocity":
-        t = (t + 1).float() / 1000
-    cond = family.conditions(model, n)
-    cond = take_rows(cond, torch.randperm(n, generator=gen) % next(iter(cond.values())).shape[0])
-    return x.to(device), t.to(device), conditions_to(cond, device)

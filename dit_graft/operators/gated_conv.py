@@ -9,8 +9,11 @@ image tokens:
 where D ∗ is a k×k depthwise (per-channel) convolution with bias over the h×w token grid, zero
 padded ("same" size, so k is odd), and ⊙ the elementwise product. Output token p depends on the
 input tokens within Chebyshev distance 2⌊k/2⌋ of p; the cost is O(N·C·k²) instead of O(N²·C).
-No softmax, no heads: norm_q/norm_k, when the Attention has them, are applied per head before the
-featurizers.
+No softmax, no heads: norm_q/norm_k, when the Attention has them, are applied per head (by the family's adapter)
+before the featurizers.
+
+It has no keys, so it is refused where text reaches the image tokens only through attention's keys (FLUX's
+joint attention, cross-attention): the image tokens would lose the text, and there is no CLEAR-style form.
 
 FLOPs (the operator's formula): 8·N·C·k² (the four depthwise filters on C channels each, 2 FLOPs
 per tap; the products ⊙ are not counted, as FlopCounterMode does not count them).
@@ -28,17 +31,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from dit_graft.operators.base import (
-    Operator,
-    Options,
-    Site,
-    TokenGrid,
-    check_self_attention,
-    from_heads,
-    identity_depthwise,
-    register,
-    to_heads,
-)
+from dit_graft.model.attention import AttentionCore, AttentionNeeds, from_heads, to_heads
+from dit_graft.model.layout import TokenLayout
+from dit_graft.operators.base import Case, Operator, Options, Site, identity_depthwise, register
 
 
 class GatedConvOptions(Options):
@@ -54,12 +49,14 @@ class GatedConvOptions(Options):
         return k
 
 
-class GatedConvProcessor(nn.Module):
-    """A diffusers attention processor computing y = to_out(q̃ ⊙ D_h ∗ (k̃ ⊙ ṽ)) with the Attention's projections."""
+class GatedConvCore(AttentionCore):
+    """y = q̃ ⊙ D_h ∗ (k̃ ⊙ ṽ) on the token grid, from the teacher's projections; no keys, no softmax."""
 
-    def __init__(self, channels: int, kernel: int, grid: TokenGrid) -> None:
-        super().__init__()
-        self.grid = grid
+    op = "gated_conv"
+
+    def __init__(self, channels: int, options: GatedConvOptions) -> None:
+        super().__init__(options)
+        kernel = options.kernel
         self.featurizer = identity_depthwise(
             nn.Conv2d(3 * channels, 3 * channels, kernel, padding=kernel // 2, groups=3 * channels)
         )
@@ -68,30 +65,16 @@ class GatedConvProcessor(nn.Module):
             self.mixer.weight.fill_(1.0 / kernel**2)
             self.mixer.bias.zero_()
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
-            raise ValueError("the gated_conv operator replaces self-attention on (B, N, C) tokens only (no context)")
-        b, n, _ = hidden_states.shape
-        h, w = self.grid.resolve(n)
-        q, k = attn.to_q(hidden_states), attn.to_k(hidden_states)  # (B, N, C)
-        if attn.norm_q is not None:
-            q = from_heads(attn.norm_q(to_heads(q, attn.heads)))
-        if attn.norm_k is not None:
-            k = from_heads(attn.norm_k(to_heads(k, attn.heads)))
-        qkv = torch.cat([q, k, attn.to_v(hidden_states)], dim=-1)  # (B, N, 3C)
+    def forward(self, q, k, v, layout: TokenLayout, key_mask=None):
+        if layout.text or layout.is_cross or key_mask is not None:
+            raise ValueError("the gated_conv operator replaces self-attention over the grid tokens only (no text)")
+        b, heads, n, _ = q.shape
+        h, w = layout.require_grid(self.op, dims=(2,))
+        qkv = torch.cat([from_heads(q), from_heads(k), from_heads(v)], dim=-1)  # (B, N, 3C)
         qkv = self.featurizer(qkv.transpose(1, 2).reshape(b, -1, h, w))  # (B, 3C, h, w)
         q, k, v = qkv.chunk(3, dim=1)  # (B, C, h, w) each
         y = q * self.mixer(k * v)  # (B, C, h, w)
-        y = attn.to_out[0](y.flatten(2).transpose(1, 2))  # (B, N, C)
-        return attn.to_out[1](y)
-
-
-def build_gated_conv(old: nn.Module, site: Site, options: GatedConvOptions) -> GatedConvProcessor:
-    check_self_attention(old, "gated_conv")
-    widths = {old.to_q.out_features, old.to_k.out_features, old.to_v.out_features, old.to_out[0].in_features}
-    if len(widths) != 1:
-        raise ValueError(f"gated_conv needs to_q/to_k/to_v/to_out of one width (got {sorted(widths)})")
-    return GatedConvProcessor(widths.pop(), options.kernel, site.grid)
+        return to_heads(y.flatten(2).transpose(1, 2), heads)  # (B, H, N, d)
 
 
 def gated_conv_flops(site: Site, tokens: int, options: GatedConvOptions) -> int:
@@ -105,8 +88,10 @@ register(
         site="attention",
         summary="Hyena-style gated k×k depthwise convs on the token grid, no softmax; inherited q/k/v/out (grafting).",
         options=GatedConvOptions,
-        build=build_gated_conv,
+        core=lambda site, options: GatedConvCore(site.dim, options),
+        needs=AttentionNeeds(grid_dims=(2,), text=("none",), keys=False),
         paper="Grafting (Chandrasegaran et al. 2025); Hyena (Poli et al. 2023)",
         flops=gated_conv_flops,
+        cases=(Case({"kernel": 3}),),
     )
 )

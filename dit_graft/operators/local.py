@@ -14,12 +14,14 @@ Borders are not padded: a query near an edge has fewer keys. A token always sees
 no row is empty. r² is taken in float64, so e.g. r = √2 (r² = 2.0000000000000004) includes the
 diagonal neighbours. A window that covers the whole grid passes no mask: it is softmax attention.
 
-Two paths compute the same thing. When `dit_graft.kernels.tile_attention` would run its Triton kernel
-(fp16/bf16/fp32 CUDA inputs with head dims up to 128, or DIT_GRAFT_KERNELS=triton; never with
-DIT_GRAFT_KERNELS=naive), the processor calls it: it visits only the key tiles near each query tile.
-Otherwise it builds the boolean (N, N) mask once per (h, w, device) and runs
-`F.scaled_dot_product_attention` with it: exact, but O(N²) work.
+With a text prefix (FLUX's joint attention) image query i sees every text key and the image keys in its
+window; text queries see every key (CLEAR's rule, `TokenLayout.pair_mask`).
 
+Two paths compute the same thing. Without text, when `dit_graft.kernels.tile_attention` would run its Triton
+kernel (fp16/bf16/fp32 CUDA inputs with head dims up to 128, or DIT_GRAFT_KERNELS=triton; never with
+DIT_GRAFT_KERNELS=naive), the core calls it: it visits only the key tiles near each query tile.
+Otherwise it builds the boolean mask once per (grid, text, device) and runs
+`F.scaled_dot_product_attention` with it: exact, but O(N²) work.
 The kernel's window is an int W with the same rules, square max(|Δy|, |Δx|) ≤ W and circle
 Δy² + Δx² < W², so the processor maps r onto it for the current grid (`tile_window`): square
 W = ⌊r⌋, always exact; circle, the smallest W above every in-window offset, exact only when no offset
@@ -29,8 +31,8 @@ of the grid falls in [⌈r²⌉, W²) — true for integer r and e.g. r = 1.5 or
 FLOPs (the operator's formula): 4·P·C for the P query-key pairs inside the windows, counted exactly
 (what a sparse kernel computes; the PyTorch path above does the dense 4·N²·C).
 
-Inheritance: the processor uses the Attention's own to_q/to_k/to_v/to_out (and norm_q/norm_k when
-present), so every teacher weight is kept; it adds no parameters.
+Inheritance: the family's adapter uses the attention module's own projections and norms, so every teacher
+weight is kept; the core adds no parameters.
 """
 
 from __future__ import annotations
@@ -40,28 +42,25 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from dit_graft.kernels import tile_attention
 from dit_graft.kernels._checks import head_dim_over
 from dit_graft.kernels._dispatch import use_triton
 from dit_graft.kernels.tile import MAX_TRITON_HEAD_DIM
+from dit_graft.model.attention import AttentionNeeds
+from dit_graft.model.layout import TokenLayout
 from dit_graft.operators.base import (
-    MaskedSoftmaxProcessor,
+    Case,
+    MaskedCore,
     Operator,
     Options,
     Site,
-    TokenGrid,
-    attention_output,
     attention_pairs_flops,
-    check_self_attention,
     grid_window_is_full,
     grid_window_mask,
     grid_window_pairs,
     register,
-    self_attention_qkv,
 )
 
 
@@ -90,38 +89,32 @@ def tile_window(h: int, w: int, radius: float, shape: str) -> int | None:
     return window if outside is None or window * window <= outside else None
 
 
-class LocalAttnProcessor(MaskedSoftmaxProcessor):
-    """CLEAR local attention: softmax over the keys within a radius on the 2D token grid."""
+class LocalCore(MaskedCore):
+    """CLEAR local attention: softmax over the keys within a radius on the 2-D token grid (+ every text key)."""
 
     op = "local"
 
-    def __init__(self, options: LocalOptions, grid: TokenGrid) -> None:
-        super().__init__()
+    def __init__(self, options: LocalOptions) -> None:
+        super().__init__(options)
         self.radius = options.window
         self.shape = options.shape
-        self.grid = grid
 
-    def mask(self, n: int, device: torch.device) -> torch.Tensor | None:
-        h, w = self.grid.resolve(n)
+    def image_mask(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        h, w = layout.require_grid(self.op, dims=(2,))
         if grid_window_is_full(h, w, self.radius, self.shape):
             return None
-        return self.cached((h, w, device), lambda: grid_window_mask(h, w, self.radius, self.shape, device))
+        return grid_window_mask(h, w, self.radius, self.shape, device)
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        q, k, v = self_attention_qkv(attn, hidden_states, encoder_hidden_states, attention_mask, self.op)
-        h, w = self.grid.resolve(q.shape[2])
-        full = grid_window_is_full(h, w, self.radius, self.shape)
-        window = None if full else tile_window(h, w, self.radius, self.shape)
-        if window is not None and use_triton("local", q, k, v, unsupported=head_dim_over(MAX_TRITON_HEAD_DIM, q, v)):
-            o = tile_attention(q, k, v, (h, w), window, self.shape)  # (B, H, N, d)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q.shape[2], q.device))  # (B, H, N, d)
-        return attention_output(attn, o, q.dtype)
-
-
-def build_local(old: nn.Module, site: Site, options: LocalOptions) -> LocalAttnProcessor:
-    check_self_attention(old, "local")
-    return LocalAttnProcessor(options, site.grid)
+    def forward(self, q, k, v, layout: TokenLayout, key_mask=None):
+        if layout.text == 0 and key_mask is None and not layout.is_cross:
+            h, w = layout.require_grid(self.op, dims=(2,))
+            full = grid_window_is_full(h, w, self.radius, self.shape)
+            window = None if full else tile_window(h, w, self.radius, self.shape)
+            if window is not None and use_triton(
+                "local", q, k, v, unsupported=head_dim_over(MAX_TRITON_HEAD_DIM, q, v)
+            ):
+                return tile_attention(q, k, v, (h, w), window, self.shape)  # (B, H, N, d)
+        return super().forward(q, k, v, layout, key_mask)
 
 
 def local_flops(site: Site, tokens: int, options: LocalOptions) -> int:
@@ -136,8 +129,14 @@ register(
         site="attention",
         summary="Exact softmax over keys within radius r on the 2D token grid; inherited q/k/v/out (CLEAR).",
         options=LocalOptions,
-        build=build_local,
+        core=lambda site, options: LocalCore(options),
+        needs=AttentionNeeds(grid_dims=(2,), text=("none", "prefix")),
         paper="CLEAR (Liu et al. 2024)",
         flops=local_flops,
+        cases=(
+            Case({"window": 100.0}, exact=True),
+            Case({"window": 1.5}),
+            Case({"window": 1.0, "shape": "square"}),
+        ),
     )
 )

@@ -128,7 +128,7 @@ def block_similarity(
     h_L: the last block's output), over seeded random teacher inputs; 0 elsewhere. `reach` None: every pair.
 
     The blocks are those of the family's depth block group `group` (None: the first)."""
-    from dit_graft.families import family_for
+    from dit_graft.model.family import family_for
 
     family = family_for(model)
     streams = family.depth_group(group).streams

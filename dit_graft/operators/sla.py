@@ -33,8 +33,12 @@ scores + 2·N·d·C for the per-block states φ(K_J)ᵀV_J + 2·n_b²·(d + 1)·
 block's marginal states (the kernel's map × states product, dense over the blocks) + 2·N·d·C + 2·N·C
 for φ(Q)·state and its normaliser + 2·N·d·C for proj_l.
 
-Inheritance: the processor uses the Attention's own to_q/to_k/to_v/to_out (and norm_q/norm_k when
-present); it adds only proj_l.
+With a text prefix (FLUX's joint attention) the text keys count as critical for every image query: softmax over
+the text keys plus the critical image key blocks, + proj_l(linear attention over the marginal image key
+blocks); text queries attend to every key by softmax (CLEAR's rule).
+
+Inheritance: the family's adapter uses the attention module's own projections and norms; the core adds only
+proj_l.
 """
 
 from __future__ import annotations
@@ -46,18 +50,19 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from dit_graft.kernels import sla_attention, sla_block_index
+from dit_graft.kernels import block_sparse_attention, sla_attention, sla_block_index
 from dit_graft.kernels.block_sparse.index import keep_count
+from dit_graft.model.attention import AttentionCore, AttentionNeeds
+from dit_graft.model.layout import TokenLayout
 from dit_graft.operators.base import (
+    Case,
     Operator,
     Options,
     Site,
-    attention_output,
     attention_pairs_flops,
     block_share,
-    check_self_attention,
+    prefix_block_sparse,
     register,
-    self_attention_qkv,
 )
 
 # Scores one call of the reference may hold: it keeps about four [B, h, N, N] fp32 tensors (scores,
@@ -90,11 +95,13 @@ def critical_blocks(critical: int | float, n_blocks: int) -> int:
     return keep_count(critical, n_blocks)
 
 
-class SlaAttnProcessor(nn.Module):
-    """Sparse-linear self-attention with the Attention's projections: o_sparse + proj_l(o_linear)."""
+class SlaCore(AttentionCore):
+    """Sparse-linear attention on [B, H, N, d]: o_sparse + proj_l(o_linear) (image blocks; text rows dense)."""
+
+    op = "sla"
 
     def __init__(self, head_dim: int, options: SlaOptions) -> None:
-        super().__init__()
+        super().__init__(options)
         self.block = options.block
         self.critical = options.critical
         self.negligible = options.negligible
@@ -103,33 +110,52 @@ class SlaAttnProcessor(nn.Module):
         self.proj_l = nn.Linear(head_dim, head_dim, bias=False)
         nn.init.zeros_(self.proj_l.weight)
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        q, k, v = self_attention_qkv(attn, hidden_states, encoder_hidden_states, attention_mask, "sla")
-        b, h, n, _ = q.shape
-        critical, marginal = sla_block_index(q, k, self.block, self.critical, self.negligible)  # (B, H, nb, nb)
+    def forward(self, q, k, v, layout: TokenLayout, key_mask=None):
+        if key_mask is not None or layout.is_cross:
+            raise ValueError("the sla operator takes no key mask and no cross-attention")
+        t = layout.text
+        qi, ki, vi = q[:, :, t:], k[:, :, t:], v[:, :, t:]  # (B, H, N, d): the image tokens
+        b, h, n, _ = qi.shape
+        critical, marginal = sla_block_index(qi, ki, self.block, self.critical, self.negligible)  # (B, H, nb, nb)
         step = h if q.is_cuda else max(1, REFERENCE_SCORES // (b * n * n))
-        parts = [
-            sla_attention(
-                q[:, s : s + step],
-                k[:, s : s + step],
-                v[:, s : s + step],
-                critical[:, s : s + step],
-                marginal[:, s : s + step],
-                self.block,
-                self.feature_map,
-                self.eps,
-            )
-            for s in range(0, h, step)
-        ]
-        o_sparse = torch.cat([p[0] for p in parts], dim=1)  # (B, H, N, d)
-        o_linear = torch.cat([p[1] for p in parts], dim=1)  # (B, H, N, d)
-        o = o_sparse + self.proj_l(o_linear)
-        return attention_output(attn, o, q.dtype)
-
-
-def build_sla(old: nn.Module, site: Site, options: SlaOptions) -> SlaAttnProcessor:
-    check_self_attention(old, "sla")
-    return SlaAttnProcessor(old.inner_dim // old.heads, options)
+        if t == 0:
+            parts = [
+                sla_attention(
+                    q[:, s : s + step],
+                    k[:, s : s + step],
+                    v[:, s : s + step],
+                    critical[:, s : s + step],
+                    marginal[:, s : s + step],
+                    self.block,
+                    self.feature_map,
+                    self.eps,
+                )
+                for s in range(0, h, step)
+            ]
+            o_sparse = torch.cat([p[0] for p in parts], dim=1)  # (B, H, N, d)
+            o_linear = torch.cat([p[1] for p in parts], dim=1)  # (B, H, N, d)
+            return o_sparse + self.proj_l(o_linear)
+        # text prefix: the sparse part over text keys + critical image blocks; the linear part over the marginal
+        o = prefix_block_sparse(q, k, v, layout, critical, self.block, block_sparse_attention, REFERENCE_SCORES)
+        none = torch.zeros_like(critical)  # the critical blocks' softmax is `o` above; only the linear part here
+        o_linear = torch.cat(
+            [
+                sla_attention(
+                    qi[:, s : s + step],
+                    ki[:, s : s + step],
+                    vi[:, s : s + step],
+                    none[:, s : s + step],
+                    marginal[:, s : s + step],
+                    self.block,
+                    self.feature_map,
+                    self.eps,
+                )[1]
+                for s in range(0, h, step)
+            ],
+            dim=1,
+        )  # (B, H, N, d): zeros where a query block has no marginal block
+        o_image = o[:, :, t:] + self.proj_l(o_linear)
+        return torch.cat([o[:, :, :t], o_image.to(o.dtype)], dim=2)
 
 
 def sla_flops(site: Site, tokens: int, options: SlaOptions) -> int:
@@ -150,8 +176,13 @@ register(
         summary="Sparse-linear: softmax on the critical key blocks, linear attention on the marginal ones, "
         "skip the rest; zero-init proj_l; inherited q/k/v/out (SLA).",
         options=SlaOptions,
-        build=build_sla,
+        core=lambda site, options: SlaCore(site.dim // site.heads, options),
+        needs=AttentionNeeds(text=("none", "prefix")),
         paper="SLA (Zhang et al. 2025)",
         flops=sla_flops,
+        cases=(
+            Case({"block": 16, "critical": 1.0}, exact=True),
+            Case({"block": 16, "critical": 1, "negligible": 0}),
+        ),
     )
 )

@@ -18,8 +18,12 @@ processor calls it a few heads at a time (at most 2²⁸ scores per call); the r
 FLOPs (the operator's formula): 4·N·min(N, k·b)·C for the kept pairs (every kept block counted as
 full), plus 2·⌈N/b⌉²·C for the pooled block scores.
 
-Inheritance: the processor uses the Attention's own to_q/to_k/to_v/to_out (and norm_q/norm_k when
-present), so every teacher weight is kept; it adds no parameters.
+With a text prefix (FLUX's joint attention) the blocks are cut from the first image token; image query blocks
+attend with one softmax over the T text keys plus their `keep` best image key blocks, text queries over every
+key (CLEAR's rule; `TokenLayout.block_map`, or the equivalent token mask when T is not a multiple of b).
+
+Inheritance: the family's adapter uses the attention module's own projections and norms, so every teacher
+weight is kept; the core adds no parameters.
 """
 
 from __future__ import annotations
@@ -27,22 +31,21 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from pydantic import field_validator
-from torch import nn
 
 from dit_graft.kernels import block_sparse_attention, topk_block_index
 from dit_graft.kernels.block_sparse.index import keep_count
+from dit_graft.model.attention import AttentionCore, AttentionNeeds
+from dit_graft.model.layout import TokenLayout
 from dit_graft.operators.base import (
+    Case,
     Operator,
     Options,
     Site,
-    attention_output,
     attention_pairs_flops,
     block_share,
-    check_self_attention,
+    prefix_block_sparse,
     register,
-    self_attention_qkv,
 )
 
 # Scores one call of the dense reference may hold (2²⁸ fp32 = 1 GiB); the Triton kernel holds none.
@@ -71,34 +74,22 @@ def kept_blocks(keep: int | float, n_blocks: int) -> int:
     return keep_count(keep, n_blocks)
 
 
-class SparseAttnProcessor(nn.Module):
-    """Top-k block-sparse softmax self-attention with the Attention's projections."""
+class SparseCore(AttentionCore):
+    """Top-k block-sparse softmax attention on [B, H, N, d] (image blocks; text rows and keys dense)."""
+
+    op = "sparse"
 
     def __init__(self, options: SparseOptions) -> None:
-        super().__init__()
+        super().__init__(options)
         self.block = options.block
         self.keep = options.keep
 
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        q, k, v = self_attention_qkv(attn, hidden_states, encoder_hidden_states, attention_mask, "sparse")
-        b, h, n, _ = q.shape
-        index = topk_block_index(q, k, self.block, self.keep)  # (B, H, ⌈N/b⌉, ⌈N/b⌉) bool
-        step = h if q.is_cuda else max(1, REFERENCE_SCORES // (b * n * n))
-        o = torch.cat(
-            [
-                block_sparse_attention(
-                    q[:, s : s + step], k[:, s : s + step], v[:, s : s + step], index[:, s : s + step], self.block
-                )
-                for s in range(0, h, step)
-            ],
-            dim=1,
-        )  # (B, H, N, d)
-        return attention_output(attn, o, q.dtype)
-
-
-def build_sparse(old: nn.Module, site: Site, options: SparseOptions) -> SparseAttnProcessor:
-    check_self_attention(old, "sparse")
-    return SparseAttnProcessor(options)
+    def forward(self, q, k, v, layout: TokenLayout, key_mask=None):
+        if key_mask is not None or layout.is_cross:
+            raise ValueError("the sparse operator takes no key mask and no cross-attention")
+        t = layout.text
+        index = topk_block_index(q[:, :, t:], k[:, :, t:], self.block, self.keep)  # (B, H, nb, nb) bool
+        return prefix_block_sparse(q, k, v, layout, index, self.block, block_sparse_attention, REFERENCE_SCORES)
 
 
 def sparse_flops(site: Site, tokens: int, options: SparseOptions) -> int:
@@ -114,8 +105,10 @@ register(
         site="attention",
         summary="Exact softmax over the top-k key blocks per query block (mean-pooled q·k); inherited q/k/v/out.",
         options=SparseOptions,
-        build=build_sparse,
+        core=lambda site, options: SparseCore(options),
+        needs=AttentionNeeds(text=("none", "prefix")),
         paper="SLA (Zhang et al. 2025), critical blocks; VSA; LLSA",
         flops=sparse_flops,
+        cases=(Case({"block": 16, "keep": 1.0}, exact=True), Case({"block": 16, "keep": 1})),
     )
 )

@@ -14,25 +14,29 @@ passes no mask: it is softmax attention.
 FLOPs (the operator's formula): 4·P·C for the P = Σ_i |band(i)| query-key pairs in the band (what a
 banded kernel computes; the PyTorch path above does the dense 4·N²·C).
 
-Inheritance: the processor uses the Attention's own to_q/to_k/to_v/to_out (and norm_q/norm_k when
-present), so every teacher weight is kept; it adds no parameters.
+With a text prefix (FLUX's joint attention) i and j count along the image tokens (row-major), image queries
+also see every text key and text queries see every key (CLEAR's rule, `TokenLayout.pair_mask`).
+
+Inheritance: the family's adapter uses the attention module's own projections and norms, so every teacher
+weight is kept; the core adds no parameters.
 """
 
 from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import nn
 
+from dit_graft.model.attention import AttentionNeeds
+from dit_graft.model.layout import TokenLayout
 from dit_graft.operators.base import (
-    MaskedSoftmaxProcessor,
+    Case,
+    MaskedCore,
     Operator,
     Options,
     Site,
     attention_pairs_flops,
     band_mask,
     band_pairs,
-    check_self_attention,
     register,
 )
 
@@ -43,24 +47,21 @@ class SwaOptions(Options):
     window: int = Field(default=64, ge=1, description="window w: key j visible to query i iff |i - j| ≤ w // 2")
 
 
-class SlidingWindowAttnProcessor(MaskedSoftmaxProcessor):
-    """Softmax over the keys within ⌊w/2⌋ positions of the query in the token sequence."""
+class SwaCore(MaskedCore):
+    """Softmax over the keys within ⌊w/2⌋ positions of the query in the image token sequence (+ every text key)."""
 
     op = "swa"
 
     def __init__(self, options: SwaOptions) -> None:
-        super().__init__()
+        super().__init__(options)
         self.half = options.window // 2
 
-    def mask(self, n: int, device: torch.device) -> torch.Tensor | None:
-        if n - 1 <= self.half:
-            return None
-        return self.cached((n, device), lambda: band_mask(n, self.half, device))
+    def mask_key(self, layout: TokenLayout) -> tuple:
+        return (layout.text, layout.image)
 
-
-def build_swa(old: nn.Module, site: Site, options: SwaOptions) -> SlidingWindowAttnProcessor:
-    check_self_attention(old, "swa")
-    return SlidingWindowAttnProcessor(options)
+    def image_mask(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
+        n = layout.image
+        return None if n - 1 <= self.half else band_mask(n, self.half, device)
 
 
 def swa_flops(site: Site, tokens: int, options: SwaOptions) -> int:
@@ -74,8 +75,10 @@ register(
         site="attention",
         summary="Sliding-window softmax over the token sequence (|i-j| ≤ w//2), inherited q/k/v/out (grafting).",
         options=SwaOptions,
-        build=build_swa,
+        core=lambda site, options: SwaCore(options),
+        needs=AttentionNeeds(text=("none", "prefix")),
         paper="Grafting (Chandrasegaran et al. 2025)",
         flops=swa_flops,
+        cases=(Case({"window": 100000}, exact=True), Case({"window": 4})),
     )
 )
