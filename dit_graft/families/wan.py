@@ -621,27 +621,6 @@ def to_original_wan_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {pairs[k]: v for k, v in state.items()}
 
 
-def load_original_wan(header: dict[str, list[int]], read, meta: bool = False, num_heads: int | None = None):
-    """A WanTransformer3DModel from an original-layout checkpoint: `header` maps keys to shapes, `read()` loads it.
-
-    The config is read off the header and the keys and shapes are checked from it alone (all a dry run does);
-    then `read()` loads the tensors, assigned in the checkpoint's dtype.
-    """
-    from accelerate import init_empty_weights
-
-    from dit_graft.model.io import build_from_config
-
-    config = original_wan_config(header, num_heads)
-    with init_empty_weights(include_buffers=meta):
-        model = build_from_config(config)
-    convert_original_wan_state_dict({k: torch.empty(s, device="meta") for k, s in header.items()}, model)
-    if meta:
-        return model.eval()
-    converted = convert_original_wan_state_dict(read(), model)
-    model.load_state_dict(converted, strict=True, assign=True)
-    return model.eval()
-
-
 # ---------------------------------------------------------------- tiny config (tests)
 
 TINY_LATENT = (3, 4, 6)  # (F, H, W) latents of the tiny inputs: a (3, 2, 3) token grid
