@@ -24,6 +24,10 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def unregister(self, name: str) -> T:
+        """Removes an entry (tests that register a temporary one)."""
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._entries:
             raise KeyError(f"unknown {self.kind} {name!r} (known: {', '.join(sorted(self._entries))})")

@@ -306,7 +306,7 @@ class WanFamily(Family):
         for i, block in enumerate(model.blocks):
             for path in block_paths(block, f"blocks.{i}"):  # a parallel_blocks pair: both branches
                 sites.append(Site(f"{path}.attn1", "attention", i, dim, heads, grid, "self", own))
-                sites.append(Site(f"{path}.ffn", "mlp", i, dim, None, grid, "self"))
+                sites.append(Site(f"{path}.ffn", "mlp", i, dim, None, grid, "self", grid_dims=3))
                 sites.append(Site(f"{path}.attn2", "attention", i, dim, heads, grid, "cross", cross))
         return sites
 

@@ -78,7 +78,8 @@ class Site:
     """One place in a model where an operator can go: an attention module or an MLP.
 
     `group` names the family's block group (DiT: blocks; PixArt: self, cross; FLUX: double, single). An attention
-    site carries the family's `adapter` for its calling convention (what it can give a core: `adapter.caps`).
+    site carries the family's `adapter` for its calling convention (what it can give a core: `adapter.caps`);
+    `grid_dims` says what grid an MLP operator that mixes tokens on it (a conv) meets.
     """
 
     path: str  # module path, e.g. "transformer_blocks.3.attn1"
@@ -89,6 +90,7 @@ class Site:
     grid: TokenGrid = field(default_factory=TokenGrid, repr=False)
     group: str = "blocks"
     adapter: AttentionAdapter | None = field(default=None, repr=False)
+    grid_dims: int | None = 2  # the token grid's dimensions at this site (2: images, 3: video; None: no grid)
 
     @property
     def attention(self) -> AttentionCaps | None:

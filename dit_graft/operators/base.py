@@ -142,6 +142,9 @@ def refusal(op: Operator, site: Site, options: Options | None = None) -> str | N
         reason = op.needs.refusal(site.attention)
         if reason is not None:
             return reason
+    elif op.needs.grid_dims and site.grid_dims not in op.needs.grid_dims:
+        dims = " or ".join(f"{d}-D" for d in op.needs.grid_dims)
+        return f"it works on {dims} token grids, and the site's grid is {site.grid_dims or 'no'}-D"
     if op.check is not None and options is not None:
         try:
             op.check(site, options)

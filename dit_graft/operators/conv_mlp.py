@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from dit_graft.model.attention import AttentionNeeds
 from dit_graft.operators.base import (
     Operator,
     Options,
@@ -108,5 +109,6 @@ register(
         build=build_conv_mlp,
         installs="module",
         paper="SANA (Xie et al. 2024)",
+        needs=AttentionNeeds(grid_dims=(2,)),  # a 2-D conv over the token grid
     )
 )
