@@ -28,6 +28,7 @@ from dit_graft.model.checkpoints import LAYOUTS, CheckpointLayout, detect_layout
 from dit_graft.model.io import (  # noqa: F401 - re-exported: the loading API
     assign_state,
     build_from_config,
+    build_without_weights,
     load_state_dict_checked,
     meta_state,
     model_class,
@@ -235,7 +236,7 @@ def _load_file(path: Path, meta: bool, num_heads: int | None, config: Path | Non
         raise InputError(
             f"{path}: a {layout.name}-layout state dict carries no config; set model.config to its directory"
         )
-    model = build_from_config(cfg, meta=True)
+    model = build_without_weights(cfg, meta=meta)
     try:
         layout.convert(meta_state(header), model)  # every key and shape, from the header alone
         if not meta:

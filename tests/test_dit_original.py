@@ -311,3 +311,42 @@ def test_garbage_pt_is_refused(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(IntegrityError, match=re.escape(str(path))):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "graft",
+    [
+        [{"site": "attention", "layers": "all", "op": "softmax"}],  # the identity operator
+        [{"site": "depth", "op": "prune_depth", "options": {"keep": 3}}],  # depth-only: the stock class could load it
+    ],
+)
+def test_an_original_checkpoint_converts_exports_and_reloads_to_the_original_function(tmp_path, graft):
+    """No recipe key: the layout's timestep frequencies are applied on load, recorded in the plan, re-applied."""
+    import json
+
+    import dit_graft
+    from dit_graft.export import export
+    from dit_graft.loading import load_model
+    from dit_graft.plan import apply, plan
+    from dit_graft.recipe import validate
+
+    sd = random_original(**SMALL)
+    path = tmp_path / "DiT-small.safetensors"
+    save_file(sd, path)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 17, 500, 999]), torch.tensor([3, 0, 9, 10])
+    expected = original_dit_forward(sd, x, t, y, SMALL_HEADS)
+
+    recipe = validate({"model": {"source": str(path), "num_heads": SMALL_HEADS}, "graft": graft})
+    teacher = load_model(path, num_heads=SMALL_HEADS)
+    graft_plan = plan(teacher, recipe)
+    assert graft_plan.runtime == {"original_timestep_frequencies": True}
+    out = export(apply(teacher, graft_plan), graft_plan, recipe.model_dump(), tmp_path / "student")
+    assert json.loads((out / "graft.json").read_text())["plan"]["runtime"] == {"original_timestep_frequencies": True}
+    assert "cannot express them" in (out / "README.md").read_text()
+    reloaded = dit_graft.from_pretrained(out)
+    with torch.no_grad():
+        got = reloaded(x, timestep=t, class_labels=y).sample
+        stock = DiTTransformer2DModel.from_pretrained(out)(x, timestep=t, class_labels=y).sample
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-5
+    assert (stock - expected).norm() > 1e-2 * expected.norm()  # the stock class alone: other frequencies

@@ -62,7 +62,7 @@ from dit_graft.model.attention import AttentionAdapter, AttnContext, bind
 from dit_graft.model.checkpoints import CheckpointLayout, register_layout
 from dit_graft.model.conditions import Conditions
 from dit_graft.model.family import Family, register_family
-from dit_graft.model.io import assign_state, build_from_config, meta_state
+from dit_graft.model.io import assign_state, build_without_weights, meta_state
 from dit_graft.model.site import AttentionCaps, BlockGroup, Site, Streams, TokenGrid, block_paths
 
 # FLUX.1-dev's defaults: 1024 px images (128×128 latents), 512 T5 tokens, guidance 3.5.
@@ -385,7 +385,7 @@ def load_bfl_flux(header: dict[str, list[int]], config: dict[str, Any], read, me
     The model is built without weights and the keys and shapes are checked from the header alone (all a dry run
     does); then `read()` loads the tensors, which are converted and assigned in the model's dtype.
     """
-    model = build_from_config(config, meta=True)
+    model = build_without_weights(config, meta=meta)
     convert_bfl_flux_state_dict(meta_state(header), model)
     if meta:
         return model.eval()

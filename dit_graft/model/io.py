@@ -36,6 +36,14 @@ def build_from_config(config: dict[str, Any], meta: bool = False) -> nn.Module:
     return cls.from_config(config)
 
 
+def build_without_weights(config: dict[str, Any], meta: bool = False) -> nn.Module:
+    """The config's model with its parameters on the meta device (to be assigned); buffers computed for real,
+    unless `meta` (a dry run: everything on meta)."""
+    cls = model_class(config["_class_name"])
+    with init_empty_weights(include_buffers=meta):
+        return cls.from_config(config)
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Reads a safetensors file; truncated or corrupt files raise IntegrityError naming the file."""
     path = Path(path)
