@@ -121,6 +121,7 @@ class Conversion:
 def prepare_student(teacher: nn.Module, student: nn.Module, target_list, cfg) -> tuple[Scope, int]:
     """Trainable scope, shared frozen weights, dtypes and activation checkpointing; (scope, shared elements)."""
     scope = select(teacher, student, target_list, cfg)
+    teacher.requires_grad_(False)  # the teacher is frozen; the student shares some of its tensors from here on
     shared = share_frozen(teacher, student)
     cast_frozen(teacher, student, cfg.frozen_dtype)
     if cfg.gradient_checkpointing:

@@ -32,11 +32,12 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_
     killed = _convert(recipe, out, kill="checkpoint:4")  # dies with checkpoint 4 half-written
     assert killed.returncode == -9
     assert not out.exists()
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [".tmp-step-00000004", "step-00000002"]
+    ckpts = work / "checkpoints" / "end_to_end"
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-00000004", "step-00000002"]
 
     killed = _convert(recipe, out, "--resume", kill="step:7")  # resumes from 2, dies after step 7
     assert killed.returncode == -9 and not out.exists()
-    assert sorted(p.name for p in (work / "checkpoints").iterdir())[-1] == "step-00000006"
+    assert sorted(p.name for p in ckpts.iterdir())[-1] == "step-00000006"
 
     resumed = _convert(recipe, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr

@@ -267,7 +267,7 @@ class EndToEndStage:
     def clip_groups(self, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
         return [params]
 
-    def begin(self, model: nn.Module, probe) -> None:
+    def begin(self, model: nn.Module, probe, autocast) -> None:
         """Installs the feature hooks on `model` (the student as trained: sharded or not) and the teacher."""
         if "feature_mse" in self.weights:
             self.hooks = [
@@ -337,9 +337,9 @@ class ActivationStage:
         wanted = {id(p) for p in params}
         return [[p for p in m.parameters() if id(p) in wanted] for m in self.modules.values()]
 
-    def begin(self, model: nn.Module, probe) -> None:
+    def begin(self, model: nn.Module, probe, autocast) -> None:
         xt, t, _, y = probe
-        with torch.no_grad():  # sets the student's token grid (grid-aware operators read it)
+        with torch.no_grad(), autocast():  # sets the student's token grid (grid-aware operators read it)
             self.family.forward(self.student, xt[:1], t[:1], {k: v[:1] for k, v in y.items()})
         self.recorder = Recorder(self.teacher, self.targets)
 

@@ -228,7 +228,7 @@ class Trainer:
             start, bad = self.load(ckpt, opt, sched, gen, result, stage)
             result.resumed_from = start
         groups = stage.clip_groups(self.params)
-        stage.begin(self.model, probe)
+        stage.begin(self.model, probe, self.autocast)
         try:
             for step in range(start, stage.steps):
                 bad = self._step(stage, step, opt, sched, gen, pool, null, rows, groups, result, bad)
