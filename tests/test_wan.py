@@ -350,3 +350,38 @@ def test_original_single_file_loads_with_its_config_read_off_the_keys(tmp_path):
     assert load_model(path, num_heads=2, meta=True).blocks[0].attn1.to_q.weight.is_meta
     with pytest.raises(IntegrityError, match="wan2.1_t2v_tiny.safetensors: width 24 .*set model.num_heads"):
         load_model(path)
+
+
+class PerFrameCore(AttentionCore):
+    """Softmax within each latent frame, the mask built from the tiny grid's sizes (not from the layout)."""
+
+    op = "per-frame"
+
+    def forward(self, q, k, v, layout, key_mask=None):
+        frame = torch.arange(q.shape[2]) // (2 * 3)  # (3, 2, 3) grid, frame-major as Wan flattens (F, H, W)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=frame[:, None] == frame[None, :])
+
+
+@pytest.mark.parametrize(
+    "op, options",
+    [("tile", {"group": 1, "global_frames": 0}), ("local", {"window": 8.0, "shape": "square", "temporal_window": 0})],
+)
+def test_grid_operators_read_wans_frames_from_the_layout(op, options):
+    from dit_graft.plan import apply, plan
+    from dit_graft.recipe import validate
+
+    teacher = tiny_wan()
+    recipe = validate({"model": {"source": "x"}, "graft": [{"site": "attention", "op": op, "options": options}]})
+    student = apply(teacher, plan(teacher, recipe))
+    reference = tiny_wan()  # the teacher's weights (same seed), every attn1 on the per-frame core
+    WAN.install_grid(reference)
+    for site in WAN.sites(reference):
+        if site.path.endswith("attn1"):
+            reference.get_submodule(site.path).set_processor(GraftedAttnProcessor(site.adapter, PerFrameCore()))
+    inputs = WAN.tiny_inputs(teacher)
+    with torch.no_grad():
+        ours = WAN.forward(student, inputs["x"], inputs["t"], inputs["cond"])
+        theirs = WAN.forward(reference, inputs["x"], inputs["t"], inputs["cond"])
+        full = WAN.forward(teacher, inputs["x"], inputs["t"], inputs["cond"])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (ours - full).abs().max() > 1e-3  # the per-frame pattern is not the full attention
