@@ -38,9 +38,11 @@ from pathlib import Path
 import torch
 from _bench import cpu_peak_mb, machine
 from _docs import write_section
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 
+from dit_graft.families.dit import DIT, SelfAttentionAdapter
 from dit_graft.operators import OPERATORS, Site, TokenGrid
+from dit_graft.operators.base import build_replacement
 
 if importlib.util.find_spec("dit_graft.operators.sla") is not None:
     importlib.import_module("dit_graft.operators.sla")  # registers `sla` should the package not import it
@@ -65,7 +67,8 @@ def _site(tokens: int) -> Site:
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise SystemExit(f"--tokens: {tokens} is not a square number of tokens")
-    return Site("attn", "attention", 0, DIM, HEADS, TokenGrid((side, side)))
+    grid = TokenGrid((side, side))
+    return Site("attn", "attention", 0, DIM, HEADS, grid, adapter=SelfAttentionAdapter(grid))
 
 
 def _layer(name: str, options: dict, tokens: int, device: torch.device) -> tuple[Attention, torch.Tensor]:
@@ -73,8 +76,8 @@ def _layer(name: str, options: dict, tokens: int, device: torch.device) -> tuple
     torch.manual_seed(0)
     attn = Attention(DIM, heads=HEADS, dim_head=HEAD_DIM, bias=True).to(device).eval()
     op = OPERATORS.get(name)
-    processor = op.build(attn, _site(tokens), op.parse_options(options))
-    attn.set_processor(AttnProcessor2_0() if processor is None else processor.to(device))
+    processor = build_replacement(op, DIT, _site(tokens), attn, op.parse_options(options))
+    attn.set_processor(processor.to(device) if isinstance(processor, torch.nn.Module) else processor)
     return attn, torch.randn(1, tokens, DIM, device=device)
 
 

@@ -17,9 +17,10 @@ sequence [text; image] before and after a block (what the single blocks carry; a
 turns the text stream still changes every later block's attention), a skipped block returns both streams
 unchanged and a parallel pair sums both streams' residual updates.
 
-Attention operators are FluxAttention processors acting the CLEAR way (operators/text_attention.py):
-`softmax`, `linear`, `local`, `swa`, `sparse` and `sla` are implemented; `gated_conv` is refused at plan
-time with the reason (no keys: image tokens would lose the text). MLP operators apply to `ff` as on DiT.
+Attention: one adapter (`JointAttentionAdapter`) gives every operator's core the joint [text; image] sequence
+with a text prefix in its TokenLayout, so each core applies the CLEAR rule (text rows and columns dense):
+`softmax`, `linear`, `local`, `swa`, `sparse` and `sla` run; `gated_conv` is refused at plan time with the
+reason (no keys: image tokens would lose the text). MLP operators apply to `ff` as on DiT.
 
 Samples live in the unpacked latent layout (B, C, H, W) with C = in_channels / 4 (16 for FLUX.1); the
 adapter packs 2×2 latent patches into tokens (B, H/2 · W/2, 4C) around each model call and builds the
