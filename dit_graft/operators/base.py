@@ -43,13 +43,11 @@ class Case:
     """A contract-test case an operator declares: options to run it with, and whether they equal the teacher.
 
     `exact`: at these options the operator computes the teacher's attention (full coverage: a window over the
-    whole grid, every block kept), so the contract suite checks the student against the teacher. Cases for the
-    `(family, site group)` pairs in `only` run there alone (empty: everywhere the operator is accepted).
+    whole grid, every block kept), so the contract suite checks the student against the teacher.
     """
 
     options: dict[str, Any] = field(default_factory=dict)
     exact: bool = False
-    only: tuple[str, ...] = ()
 
 
 class UnsupportedOperator(ValueError):
