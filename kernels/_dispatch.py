@@ -76,7 +76,9 @@ def check_launchable(op: str, interpreted: bool, *tensors: torch.Tensor) -> None
             )
 
 
-def pytorch_path() -> str:
-    """The PyTorch path a call not taking Triton runs: `naive` (dense reference) only when DIT_GRAFT_KERNELS=naive,
-    otherwise `blockwise` (bounded memory)."""
-    return "naive" if forced_backend() == "naive" else "blockwise"
+def pytorch_path(*tensors: torch.Tensor) -> str:
+    """The PyTorch path a call not taking Triton runs: `naive` (dense reference) when DIT_GRAFT_KERNELS=naive or on
+    meta tensors (shapes only: the bounded paths read their block maps), otherwise `blockwise` (bounded memory)."""
+    if forced_backend() == "naive" or any(t.is_meta for t in tensors):
+        return "naive"
+    return "blockwise"

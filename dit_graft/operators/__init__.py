@@ -13,6 +13,7 @@ from dit_graft.operators import (  # noqa: F401
     softmax,
     sparse,
     swa,
+    tile,
 )
 from dit_graft.operators.base import OPERATORS, Case, Operator, Options, Site, TokenGrid, UnsupportedOperator
 

@@ -10,17 +10,19 @@ per head. `keep` is a fraction of the ⌈N/b⌉ key blocks when a float in (0, 1
 one) or a count of blocks when an int ≥ 1 (capped at ⌈N/b⌉): `keep: 1.0` keeps every block — softmax
 attention — while `keep: 1` keeps one. Block selection runs without gradients.
 
-The processor calls only the public kernels: `dit_graft.kernels.topk_block_index` picks the blocks and
-`dit_graft.kernels.block_sparse_attention` attends (Triton on CUDA; elsewhere the PyTorch reference,
-which computes densely and masks). Off CUDA the reference materialises [B, h, N, N] scores, so the
-processor calls it a few heads at a time (at most 2²⁸ scores per call); the result is the same.
+The core calls only the public kernels: `dit_graft.kernels.topk_block_index` picks the blocks and
+`dit_graft.kernels.block_sparse_attention` attends (Triton on CUDA; elsewhere its bounded-memory PyTorch
+path, which gathers each query block's kept key blocks, chunked: memory grows with the kept blocks, not
+N²; DIT_GRAFT_KERNELS=naive forces the dense reference).
 
 FLOPs (the operator's formula): 4·N·min(N, k·b)·C for the kept pairs (every kept block counted as
 full), plus 2·⌈N/b⌉²·C for the pooled block scores.
 
 With a text prefix (FLUX's joint attention) the blocks are cut from the first image token; image query blocks
 attend with one softmax over the T text keys plus their `keep` best image key blocks, text queries over every
-key (CLEAR's rule; `TokenLayout.block_map`, or the equivalent token mask when T is not a multiple of b).
+key (CLEAR's rule). On the Triton path, when T is a multiple of b, one joint block map covers the sequence
+(`TokenLayout.block_map`); otherwise the kernel's PyTorch path takes the prefix itself (`text=T`: text keys
+prepended to every query block's gathered keys, text rows dense in chunks).
 
 Inheritance: the family's adapter uses the attention module's own projections and norms, so every teacher
 weight is kept; the core adds no parameters.
@@ -34,6 +36,9 @@ from typing import Literal
 from pydantic import field_validator
 
 from dit_graft.kernels import block_sparse_attention, topk_block_index
+from dit_graft.kernels._checks import head_dim_over
+from dit_graft.kernels._dispatch import use_triton
+from dit_graft.kernels.block_sparse import MAX_TRITON_HEAD_DIM
 from dit_graft.kernels.block_sparse.index import keep_count
 from dit_graft.model.attention import AttentionCore, AttentionNeeds
 from dit_graft.model.layout import TokenLayout
@@ -44,12 +49,8 @@ from dit_graft.operators.base import (
     Site,
     attention_pairs_flops,
     block_share,
-    prefix_block_sparse,
     register,
 )
-
-# Scores one call of the dense reference may hold (2²⁸ fp32 = 1 GiB); the Triton kernel holds none.
-REFERENCE_SCORES = 2**28
 
 
 class SparseOptions(Options):
@@ -89,7 +90,18 @@ class SparseCore(AttentionCore):
             raise ValueError("the sparse operator takes no key mask and no cross-attention")
         t = layout.text
         index = topk_block_index(q[:, :, t:], k[:, :, t:], self.block, self.keep)  # (B, H, nb, nb) bool
-        return prefix_block_sparse(q, k, v, layout, index, self.block, block_sparse_attention, REFERENCE_SCORES)
+        return text_block_sparse(q, k, v, layout, index, self.block, "sparse")
+
+
+def text_block_sparse(q, k, v, layout: TokenLayout, index, block: int, op: str):
+    """block_sparse_attention over the image blocks `index` keeps, CLEAR's rule with a text prefix: one joint block
+    map on the Triton path when the text fills whole blocks, else the kernel's own text prefix (bounded memory)."""
+    t = layout.text
+    if t:
+        joint = layout.block_map(index, block)
+        if joint is not None and use_triton(op, q, k, v, unsupported=head_dim_over(MAX_TRITON_HEAD_DIM, q, v)):
+            return block_sparse_attention(q, k, v, joint, block)
+    return block_sparse_attention(q, k, v, index, block, text=t, fallback=True)
 
 
 def sparse_flops(site: Site, tokens: int, options: SparseOptions) -> int:

@@ -7,9 +7,11 @@ sees at most 2⌊w/2⌋ + 1 keys: w + 1 for an even w, w for an odd one. The ban
 ends of the sequence (no padding) and always holds the query itself. On an image the band reaches
 ⌊w/2⌋ tokens along the row and wraps into the neighbouring rows, unlike `local`'s 2D window.
 
-The PyTorch path builds the boolean (N, N) band once per (N, device) and runs
-`F.scaled_dot_product_attention` with it (exact, still O(N²) work). A window with ⌊w/2⌋ ≥ N − 1
-passes no mask: it is softmax attention.
+The core runs `dit_graft.kernels.window_attention` on the 1-D grid (N,) with a square window of radius
+⌊w/2⌋: its bounded-memory PyTorch path cuts the sequence into query tiles, each with the key range its band
+reaches (text keys prepended), so work and memory are O(N · (tile + w)), never an (N, N) mask. A window
+with ⌊w/2⌋ ≥ N − 1 is softmax attention (plain SDPA). Only with a key mask (no family passes one to
+self-attention) does the core build the boolean band and run SDPA with it (O(N²)).
 
 FLOPs (the operator's formula): 4·P·C for the P = Σ_i |band(i)| query-key pairs in the band (what a
 banded kernel computes; the PyTorch path above does the dense 4·N²·C).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from dit_graft.kernels import window_attention
 from dit_graft.model.attention import AttentionNeeds
 from dit_graft.model.layout import TokenLayout
 from dit_graft.operators.base import (
@@ -62,6 +65,11 @@ class SwaCore(MaskedCore):
     def image_mask(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
         n = layout.image
         return None if n - 1 <= self.half else band_mask(n, self.half, device)
+
+    def forward(self, q, k, v, layout: TokenLayout, key_mask=None):
+        if key_mask is not None or layout.is_cross or layout.image - 1 <= self.half:
+            return super().forward(q, k, v, layout, key_mask)  # masked path / refusal / plain softmax
+        return window_attention(q, k, v, (layout.image,), self.half, "square", text=layout.text, fallback=True)
 
 
 def swa_flops(site: Site, tokens: int, options: SwaOptions) -> int:

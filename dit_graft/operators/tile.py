@@ -67,11 +67,10 @@ class TileCore(AttentionCore):
 
 
 def tile_flops(site: Site, tokens: int, options: TileOptions) -> int:
-    """4·P·C over the P kept query-key pairs of the site's (frames, h, w) grid."""
+    """4·P·C over the P kept query-key pairs of the site's (frames, h, w) grid (an image grid counts as one frame,
+    where the operator is softmax attention; sites with image grids refuse it at plan time)."""
     grid = site.grid.resolve(tokens)
-    if len(grid) != 3:
-        raise ValueError(f"the tile operator works on 3-D (frames, h, w) grids, not {grid}")
-    frames, h, w = grid
+    frames, h, w = grid if len(grid) == 3 else (1, *grid)
     return attention_pairs_flops(frame_tile_pairs(frames, h * w, options.group, options.global_frames), site.dim)
 
 

@@ -62,6 +62,7 @@ def block_sparse_attention(
     *,
     key_block: int | None = None,
     text: int = 0,
+    fallback: bool = False,
 ) -> torch.Tensor:
     """softmax(q kᵀ / √d) v restricted to kept blocks; q, k [B, H, N, d], v [B, H, N, dv] → [B, H, N, dv].
 
@@ -72,14 +73,17 @@ def block_sparse_attention(
     text), elsewhere the bounded-memory PyTorch path (blockwise.py: gathers each query block's kept key blocks,
     chunked);
     DIT_GRAFT_KERNELS=triton|blockwise|naive forces one (naive: the dense reference).
+    fallback=True: a forced Triton backend that cannot take the call runs the PyTorch path instead of raising
+    (for operators, which choose their Triton route themselves).
     """
     key_block = block if key_block is None else key_block
     check_qkv("block_sparse_attention", q, k, v)
     _check_block_index(q, block_index, block, key_block, text)
-    if use_triton("block_sparse_attention", q, k, v, unsupported=triton_gap(q, v, block, key_block, text)):
+    gap = triton_gap(q, v, block, key_block, text)
+    if not (fallback and gap) and use_triton("block_sparse_attention", q, k, v, unsupported=gap):
         from .triton import block_sparse_attention_triton
 
         return block_sparse_attention_triton(q, k, v, block_index, block)
-    if pytorch_path() == "naive":
+    if pytorch_path(q) == "naive":
         return block_sparse_attention_naive(q, k, v, block_index, block, key_block, text)
     return block_sparse_attention_blockwise(q, k, v, block_index, block, key_block, text)

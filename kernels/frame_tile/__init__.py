@@ -62,6 +62,6 @@ def frame_tile_attention(
         raise ValueError(f"frame_tile_attention: group must be an int ≥ 1, got {group!r}")
     if isinstance(global_frames, bool) or not isinstance(global_frames, int) or global_frames < 0:
         raise ValueError(f"frame_tile_attention: global_frames must be an int ≥ 0, got {global_frames!r}")
-    if pytorch_path() == "naive":
+    if pytorch_path(q) == "naive":
         return frame_tile_attention_naive(q, k, v, tuple(grid), group, global_frames, text)
     return frame_tile_attention_blockwise(q, k, v, tuple(grid), group, global_frames, text)

@@ -85,6 +85,7 @@ def sla_attention(
     key_block: int | None = None,
     linear_keys: str = "marginal",
     text: int = 0,
+    fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o_sparse, o_linear), each [B, H, N, dv] in q's dtype, from q, k [B, H, N, d] and v [B, H, N, dv].
 
@@ -100,6 +101,8 @@ def sla_attention(
     Triton on CUDA (head dims up to 128, one block size: key_block ≠ block takes the PyTorch path, and a forced
     Triton backend raises saying so), elsewhere the bounded-memory PyTorch path (blockwise.py);
     DIT_GRAFT_KERNELS=triton|blockwise|naive forces one (naive: the dense reference).
+    fallback=True: a forced Triton backend that cannot take the call runs the PyTorch path instead of raising
+    (for operators, which choose their Triton route themselves).
     """
     key_block = block if key_block is None else key_block
     check_qkv("sla_attention", q, k, v)
@@ -123,8 +126,9 @@ def sla_attention(
     if not eps > 0:
         raise ValueError(f"sla_attention: eps must be positive, got {eps}")
     args = (q, k, v, block_index_critical, block_index_marginal, block, feature_map, eps)
-    if use_triton("sla_attention", q, k, v, unsupported=triton_gap(q, v, block, key_block, text)):
+    gap = triton_gap(q, v, block, key_block, text)
+    if not (fallback and gap) and use_triton("sla_attention", q, k, v, unsupported=gap):
         return _sla_triton(*args)
-    if pytorch_path() == "naive":
+    if pytorch_path(q) == "naive":
         return sla_attention_naive(*args, key_block, text)
     return sla_attention_blockwise(*args, key_block, text)

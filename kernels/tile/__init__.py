@@ -52,6 +52,6 @@ def tile_attention(
         from .triton import tile_attention_triton
 
         return tile_attention_triton(q, k, v, tuple(grid), window, shape)
-    if pytorch_path() == "naive":
+    if pytorch_path(q) == "naive":
         return tile_attention_naive(q, k, v, tuple(grid), window, shape)
     return window_attention_blockwise(q, k, v, tuple(grid), window, shape)

@@ -75,6 +75,7 @@ def window_attention(
     *,
     temporal_radius: int | None = None,
     text: int = 0,
+    fallback: bool = False,
 ) -> torch.Tensor:
     """Window softmax attention on a row-major token grid; q, k [B, H, N, d], v [B, H, N, dv] → [B, H, N, dv].
 
@@ -85,6 +86,8 @@ def window_attention(
     rule holds (text rows and columns dense). Triton (tile_attention's kernel) on CUDA for 2-D grids with a window
     it takes exactly and no text; otherwise
     the bounded-memory PyTorch path; DIT_GRAFT_KERNELS=triton|blockwise|naive forces one (naive: dense reference).
+    fallback=True: a forced Triton backend that cannot take the call runs the PyTorch path instead of raising
+    (for operators, which choose their Triton route themselves).
     """
     check_qkv("window_attention", q, k, v)
     _check(q, grid, radius, shape, temporal_radius, text)
@@ -96,10 +99,10 @@ def window_attention(
         gap = "the Triton kernel takes no text prefix"
     else:
         gap = head_dim_over(128, q, v)
-    if use_triton("window_attention", q, k, v, unsupported=gap):
+    if not (fallback and gap) and use_triton("window_attention", q, k, v, unsupported=gap):
         from ..tile.triton import tile_attention_triton
 
         return tile_attention_triton(q, k, v, grid, window, shape)
-    if pytorch_path() == "naive":
+    if pytorch_path(q) == "naive":
         return window_attention_naive(q, k, v, grid, radius, shape, temporal_radius, text)
     return window_attention_blockwise(q, k, v, grid, radius, shape, temporal_radius, text)
