@@ -314,6 +314,25 @@ class _Recorder:
             self.blocks[self.current] += n
         return t
 
+    def state(self) -> tuple:
+        return (
+            set(self.seen),
+            len(self.keep),
+            self.outside,
+            list(self.blocks),
+            self.math_outside,
+            list(self.math_blocks),
+            self.largest,
+            self.largest_probs,
+        )
+
+    def restore(self, state: tuple) -> None:
+        seen, keep, self.outside, self.blocks, self.math_outside, self.math_blocks, self.largest, self.largest_probs = (
+            state
+        )
+        self.seen = seen
+        del self.keep[keep:]
+
     def math_probs(self, n: int) -> None:
         self.largest_probs = max(self.largest_probs, n)
         if self.current is None:
@@ -359,6 +378,49 @@ def _sdpa_shim(recorder: _Recorder):
         F.scaled_dot_product_attention = original
 
 
+@contextlib.contextmanager
+def _guarded_cores(model: nn.Module, recorder: _Recorder):
+    """Attention cores are counted as their kernels save, not as a dense PyTorch fallback would.
+
+    A core runs on the meta device as it is (SDPA inside it goes through the shim above). If it cannot
+    run there (a path that needs real values, `.item()` on a mask) or if it saves a materialised
+    Nq × Nk score matrix (a dense reference path; the GPU runs a fused or blockwise kernel instead), what
+    it saved is forgotten and it is counted as a fused kernel: q, k, v, output and log-sum-exp, with the
+    probabilities as the math-path extra.
+    """
+    from dit_graft.model.attention import AttentionCore
+
+    cores = [m for m in model.modules() if isinstance(m, AttentionCore)]
+
+    def guard(core):
+        original = core.forward
+
+        def forward(q, k, v, layout, key_mask=None):
+            state = recorder.state()
+            pairs = math.prod(q.shape[:-1]) * k.shape[-2]  # B·H·Nq·Nk
+            try:
+                out = original(q, k, v, layout, key_mask)
+                if all(t.numel() < pairs for t in recorder.keep[state[1] :]):
+                    return out
+            except (RuntimeError, NotImplementedError):
+                pass
+            recorder.restore(state)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                recorder.math_probs(pairs * q.element_size())
+                return _SdpaShim.apply(q, k, v)
+            return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+        return forward
+
+    for core in cores:
+        core.forward = guard(core)
+    try:
+        yield
+    finally:
+        for core in cores:
+            del core.forward
+
+
 def measure_activations(
     student: nn.Module,
     family,
@@ -383,7 +445,11 @@ def measure_activations(
     blocks = family.blocks(model)
     rec = _Recorder(model, blocks)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), _sdpa_shim(rec):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t),
+            _sdpa_shim(rec),
+            _guarded_cores(model, rec),
+        ):
             model(**inputs)
     finally:
         rec.remove()

@@ -39,6 +39,13 @@ PROBES = {
         graft={"site": "mlp", "layers": "0-2", "op": "mlp_ratio", "options": {"ratio": 2.0}},
         distill=dict(trainable="all", gradient_checkpointing=True, batch_size=8),
     ),
+    # softmax attention on SDPA's math path: the (B, H, N, N) probabilities are saved for backward
+    "softmax-math": dict(
+        config=dict(num_attention_heads=4, attention_head_dim=64, num_layers=4, sample_size=64),
+        graft={"site": "mlp", "layers": "0", "op": "mlp_ratio", "options": {"ratio": 2.0}},
+        distill=dict(trainable="all", gradient_checkpointing=False, batch_size=2),
+        attention="math",
+    ),
 }
 BASE_CONFIG = dict(
     in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero", dropout=0.0
@@ -69,6 +76,7 @@ def _train_probe(name: str, steps: int = 2) -> dict:
 
     import torch
     from diffusers import DiTTransformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.checkpoint import checkpoint
 
     from dit_graft.families import family_for
@@ -106,14 +114,16 @@ def _train_probe(name: str, steps: int = 2) -> dict:
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     size = probe["config"]["sample_size"]
+    backend = SDPBackend.MATH if probe.get("attention") == "math" else SDPBackend.FLASH_ATTENTION
     for _ in range(steps):
         x = torch.randn(cfg.batch_size, 4, size, size, generator=gen)
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
         y = {"class_labels": torch.randint(0, 10, (cfg.batch_size,), generator=gen)}
         with torch.no_grad():
             target = family.forward(teacher, x, t, y)
-        loss = torch.nn.functional.mse_loss(family.forward(student, x, t, y), target)
-        loss.backward()
+        with sdpa_kernel(backend):
+            loss = torch.nn.functional.mse_loss(family.forward(student, x, t, y), target)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -132,7 +142,7 @@ def _estimate(name: str) -> dict:
     with torch.device("meta"):
         teacher = DiTTransformer2DModel(**BASE_CONFIG, **probe["config"])
     prof = profile(teacher, plan(teacher, recipe), recipe)
-    settings = settings_from(recipe, processes=1, attention="flash", gpu=False)
+    settings = settings_from(recipe, processes=1, attention=probe.get("attention", "flash"), gpu=False)
     result = plan_memory(prof, settings, 10**12, "cpu", pool_size=1)
     return {"estimate": result.total, "rows": result.rows, "trainable": prof.scopes[settings.trainable].trainable}
 
@@ -206,6 +216,50 @@ def test_scopes_order_and_sharing(tiny_dit_dir):
     )
     assert fsdp["optimizer state (AdamW)"] == rows["optimizer state (AdamW)"] // 4
     assert torch.device("meta") == next(teacher.parameters()).device  # nothing was materialised
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from dit_graft.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_dry_run_prints_the_memory_plan(tmp_path, tiny_dit_dir, write_recipe, capsys):
+    from tests.conftest import tiny_recipe
+
+    recipe = str(write_recipe(tiny_recipe(tiny_dit_dir, tmp_path / "out")))
+    code, out, err = _cli(["convert", recipe, "--dry-run", "--device-memory", "80GB", "--processes", "2"], capsys)
+    assert code == 0, err
+    assert "memory per device: 2 × ddp" in out and "optimizer state (AdamW)" in out and "fits" in out
+    code, out, _ = _cli(["convert", recipe, "--dry-run", "--device-memory", "1MB"], capsys)
+    assert code == 0 and "does not fit" in out  # not even the CUDA reserve: nothing to suggest
+
+
+@pytest.mark.parametrize("value", ["80XB", "lots", "-80GB", "0"])
+def test_malformed_device_memory_is_one_line_exit_2(tmp_path, tiny_dit_dir, write_recipe, capsys, value):
+    from tests.conftest import tiny_recipe
+
+    recipe = str(write_recipe(tiny_recipe(tiny_dit_dir, tmp_path / "out")))
+    code, _, err = _cli(["convert", recipe, "--dry-run", f"--device-memory={value}"], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "--device-memory" in err and "Traceback" not in err
+
+
+def test_plan_writes_memory_json(tmp_path, tiny_dit_dir, write_recipe, capsys):
+    from tests.conftest import tiny_recipe
+
+    recipe = str(write_recipe(tiny_recipe(tiny_dit_dir, tmp_path / "out")))
+    code, out, err = _cli(["plan", recipe, "--out", str(tmp_path / "plan"), "--device-memory", "141GB"], capsys)
+    assert code == 0, err
+    memory = json.loads((tmp_path / "plan" / "memory.json").read_text())
+    assert memory["device_bytes"] == 141 * 10**9 and memory["fits"] is True
+    assert memory["total_bytes"] == sum(memory["bytes"].values()) and memory["bytes"]["activations"] > 0
 
 
 if __name__ == "__main__":
