@@ -602,6 +602,10 @@ def eval_(
     batch: Annotated[int, typer.Option(min=1, help="Samples per sampler call.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Directory for samples.png, report.md and report.json.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    compile_: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile (fullgraph, inductor) MODEL and --teacher before timing them."),
+    ] = False,
 ) -> None:
     """Sample a model; fidelity and latency against a teacher, digits FD/accuracy, real-dataset FID."""
     from dit_graft.evaluate import FIDReference, evaluate, latent_size, load_vae, sample_grid, vae_dir, write_report
@@ -630,6 +634,7 @@ def eval_(
         vae_source=str(vae_dir(vae_path)) if autoencoder is not None else None,
         fid=fid,
         batch=batch,
+        compile="inductor" if compile_ else None,
     )
     report = {"model": model, "teacher": teacher, **report}
     if out is not None:

@@ -273,6 +273,13 @@ def check_comparable(model: nn.Module, teacher: nn.Module, n: int, conditions, r
         raise InputError("--teacher takes other conditions than the model (class count, caption width or guidance)")
 
 
+def compile_models(backend: str, *models: nn.Module | None) -> None:
+    """torch.compile(fullgraph=True) on each model in place (`Module.compile`: the class and config stay)."""
+    for m in models:
+        if m is not None:
+            m.compile(fullgraph=True, backend=backend)
+
+
 def evaluate(
     model: nn.Module,
     teacher: nn.Module | None,
@@ -287,6 +294,7 @@ def evaluate(
     vae_source: str | None = None,
     fid: FIDReference | None = None,
     batch: int = 100,
+    compile: str | None = None,
 ) -> tuple[dict[str, Any], Samples, Samples | None]:
     """All eval numbers for `model` (and its fidelity to `teacher`), plus the samples with their grid views.
 
@@ -311,6 +319,12 @@ def evaluate(
     digits = is_digits_model(model, shape)
     notes = []
 
+    if compile is not None:  # both compiled alike, so latency_ratio compares compiled student with compiled teacher
+        compile_models(compile, model, teacher)
+        notes.append(
+            f"compiled in place with torch.compile(fullgraph=True, backend={compile!r}); seconds exclude compilation "
+            "(the untimed warm-up batch), except a recompile for a last, smaller batch (samples a multiple of batch)"
+        )
     s = sample(model, samples, steps, cfg, seed, batch, conditions, resolution)
     t = sample(teacher, samples, steps, cfg, seed, batch, conditions, resolution) if teacher is not None else None
     report: dict[str, Any] = {
@@ -338,6 +352,7 @@ def evaluate(
         "teacher_seconds": None,
         "latency_ratio": None,
         "grid": decoder.describe(),
+        "compiled": compile,
     }
     if family.objective == "flow_velocity" and cfg != 1.0:
         notes.append(f"cfg {cfg} has no effect: {family.name} is guidance-distilled (no classifier-free guidance)")

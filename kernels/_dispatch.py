@@ -78,7 +78,8 @@ def check_launchable(op: str, interpreted: bool, *tensors: torch.Tensor) -> None
 
 def pytorch_path(*tensors: torch.Tensor) -> str:
     """The PyTorch path a call not taking Triton runs: `naive` (dense reference) when DIT_GRAFT_KERNELS=naive or on
-    meta tensors (shapes only: the bounded paths read their block maps), otherwise `blockwise` (bounded memory)."""
-    if forced_backend() == "naive" or any(t.is_meta for t in tensors):
+    meta tensors (shapes only: the bounded paths read their block maps) and under torch.compile (the bounded paths
+    branch on their block maps, which breaks the graph; the reference traces whole), otherwise `blockwise`."""
+    if forced_backend() == "naive" or any(t.is_meta for t in tensors) or torch.compiler.is_compiling():
         return "naive"
     return "blockwise"
