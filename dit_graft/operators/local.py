@@ -114,7 +114,7 @@ def window_pairs(grid: tuple[int, ...], radius: float, shape: str, temporal: int
     deltas = torch.meshgrid(*(torch.arange(-r, r + 1) for r in reaches), indexing="ij")
     if temporal is not None:
         spatial = deltas[1:]
-        inside = (deltas[1].abs() <= radius) & (deltas[2].abs() <= radius) if shape == "square" else None
+        inside = (deltas[1].abs() <= math.floor(radius)) & (deltas[2].abs() <= math.floor(radius))
         if shape == "circle":
             inside = sum(d.double() ** 2 for d in spatial) < radius * radius
     elif shape == "square":

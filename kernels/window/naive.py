@@ -13,7 +13,7 @@ def offsets_inside(
 ) -> torch.Tensor:
     """Whether integer offsets (Δ per grid dim, broadcastable tensors) lie in the window.
 
-    square: max |Δ| ≤ radius; circle: Σ Δ² < radius² (in float64). With temporal_radius (3-D grids only) the first
+    square: max |Δ| ≤ radius; circle: Σ Δ² < radius² (both in float64). With temporal_radius (3-D grids only) the first
     dim is time: |Δt| ≤ temporal_radius and the shape applies to the other two dims.
     """
     inside = None
@@ -23,7 +23,7 @@ def offsets_inside(
     if shape == "square":
         spatial = None
         for d in deltas:
-            ok = d.abs() <= radius
+            ok = d.abs().to(torch.float64) <= radius  # float64: an int tensor against a float compares in fp32
             spatial = ok if spatial is None else spatial & ok
     elif shape == "circle":
         total = sum(d.to(torch.float64) ** 2 for d in deltas)

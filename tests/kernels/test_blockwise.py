@@ -116,6 +116,7 @@ WINDOWS = [
     ((4, 3, 5), 2, "square", None),
     ((3, 5, 7), 1.5, "circle", 1),
     ((5, 4, 4), 1, "square", 0),
+    ((5, 1, 1), 1.9999999999999996, "square", None),  # 2.0 in fp32: the window compares in float64
 ]
 
 
