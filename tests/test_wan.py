@@ -385,3 +385,13 @@ def test_grid_operators_read_wans_frames_from_the_layout(op, options):
         full = WAN.forward(teacher, inputs["x"], inputs["t"], inputs["cond"])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (ours - full).abs().max() > 1e-3  # the per-frame pattern is not the full attention
+
+
+def test_a_linked_partner_samples_in_the_experts_dtype_and_keeps_its_own_weights():
+    high, low = tiny_wan(seed=1), tiny_wan(seed=2).to(torch.bfloat16)
+    link_experts(high, low, 0.875)
+    before = {k: v.clone() for k, v in high.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x = WAN.sample(low, torch.randn(1, 4, 3, 4, 6, generator=g), {"prompt_embeds": torch.randn(1, 512, 16)}, steps=3)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in high.state_dict().items())

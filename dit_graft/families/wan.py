@@ -373,7 +373,7 @@ class WanFamily(Family):
             neg = (null or self.null_conditions(model))["prompt_embeds"].to(text)
             text = torch.cat([text, neg.expand_as(text)])
         x = noise.float()
-        with _on_device(low if model is high else high, noise.device):  # the partner expert, for the loop
+        with _like(low if model is high else high, model, noise.device):  # the partner expert, for the loop
             for t in sched.timesteps:
                 current = high if t >= boundary * NUM_TRAIN_TIMESTEPS else low  # WanPipeline's switch (A14B)
                 dtype = next(current.parameters()).dtype
@@ -466,17 +466,26 @@ def link_experts(high: nn.Module, low: nn.Module, boundary: float) -> None:
 
 
 @contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device):
-    """`model` on `device` for the block, back where it was after (an expert whose pair samples on a GPU)."""
-    home = next(model.parameters()).device
-    if home == torch.device(device):
+def _like(partner: nn.Module, model: nn.Module, device: torch.device):
+    """`partner` with `model`'s parameter dtypes on `device` for the block, its own tensors back after.
+
+    A linked expert samples its pool with the pair: the partner runs where the pool is sampled, in the dtypes the
+    expert being converted has (its frozen dtype), without rounding the partner's own weights (kept aside on
+    their device and restored).
+    """
+    if partner is model:
         yield
         return
-    model.to(device)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    tensors = [(name, p) for name, p in partner.named_parameters()] + list(partner.named_buffers())
+    saved = [t.data for _, t in tensors]
+    for name, t in tensors:
+        t.data = t.data.to(device=device, dtype=dtypes.get(name, t.dtype))  # buffers keep their dtype (RoPE)
     try:
         yield
     finally:
-        model.to(home)
+        for (_, t), data in zip(tensors, saved, strict=True):
+            t.data = data
 
 
 def expert_sigma_range(index: int, boundary: float) -> tuple[float, float]:
