@@ -218,6 +218,8 @@ def test_noise_conditions_and_experts():
     model._dit_graft_sigma_range = (lo, hi)
     _, sigma, _ = WAN.noise(model, x0, torch.Generator().manual_seed(0))
     assert sigma.max() < 0.875 and expert_sigma_range(0, 0.875) == (0.875, 1.0)
+    with pytest.raises(ValueError, match="image-conditioned"):
+        WAN.conditions(tiny_wan(**TINY_I2V, in_channels=8), 2)
     cond = WAN.conditions(model, 10)
     assert set(cond) == {"prompt_embeds"} and cond["prompt_embeds"].shape == (10, 512, TINY_WAN["text_dim"])
     assert torch.equal(WAN.null_conditions(model)["prompt_embeds"], torch.zeros(1, 512, TINY_WAN["text_dim"]))
@@ -395,3 +397,28 @@ def test_a_linked_partner_samples_in_the_experts_dtype_and_keeps_its_own_weights
     x = WAN.sample(low, torch.randn(1, 4, 3, 4, 6, generator=g), {"prompt_embeds": torch.randn(1, 512, 16)}, steps=3)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in high.state_dict().items())
+
+
+def test_per_token_timesteps_of_ti2v_equal_one_per_sample_for_text_to_video():
+    from diffusers import WanPipeline
+
+    model = tiny_wan()
+    g = torch.Generator().manual_seed(7)
+    latents = torch.randn(1, 4, 3, 4, 6, generator=g)
+    embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
+    ours = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=3)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(), transformer=model,
+        expand_timesteps=True,  # Wan2.2 TI2V-5B's pipeline: a timestep per token
+    )  # fmt: skip
+    theirs = pipe(
+        prompt_embeds=embeds,
+        latents=latents,
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -392,6 +392,12 @@ class WanFamily(Family):
         return x
 
     def conditions(self, model: nn.Module, n: int, source: str | None = None) -> Conditions:
+        cfg = model.config
+        if cfg.image_dim is not None or cfg.in_channels != cfg.out_channels:
+            raise ValueError(
+                "the wan family distils text-to-video models; this one is image-conditioned (I2V: CLIP image tokens, "
+                "conditioning latents concatenated to the input), and dit-graft does not make those conditions"
+            )
         cond = spread(_captions(source, model.config.text_dim), n)
         cond.pop("prompt_attention_mask", None)  # Wan attends to all 512 tokens; the padding is zero features
         return cond
