@@ -148,11 +148,52 @@ def bench_latency(device: torch.device, repeats: int, tokens: list[int]) -> list
     return rows
 
 
+def bench_compiled(device: torch.device, repeats: int, tokens: list[int]) -> list[tuple]:
+    """Forward ms of teacher and student, eager and torch.compile(fullgraph=True), side by side in one run.
+
+    Each compiled model is timed after its first call (which compiles); the compile seconds are reported too.
+    """
+    rows = []
+    for n in tokens:
+        teacher, inputs = dit_s(n, device)
+        student = student_of(teacher)
+        row = [n]
+        with torch.no_grad():
+            for model in (teacher, student):
+                eager = timed(lambda m=model, x=inputs: m(**x), device, repeats)
+                torch._dynamo.reset()
+                compiled = torch.compile(model, fullgraph=True)
+                t0 = time.perf_counter()
+                compiled(**inputs)
+                _sync(device)
+                row += [eager, timed(lambda m=compiled, x=inputs: m(**x), device, repeats), time.perf_counter() - t0]
+        rows.append(tuple(row))
+    return rows
+
+
+def compiled_lines(rows: list[tuple]) -> list[str]:
+    lines = [
+        "",
+        "torch.compile (fullgraph=True, inductor), same models and inputs, eager and compiled side by side "
+        "(`--compile`; compile s: the first call):\n",
+        "| tokens | teacher eager ms | teacher compiled ms | student eager ms | student compiled ms | "
+        "compiled student/teacher | teacher speedup | student speedup | compile s (teacher, student) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, te, tc, tcs, se, sc, scs in rows:
+        lines.append(
+            f"| {n} | {te:.1f} | {tc:.1f} | {se:.1f} | {sc:.1f} | {sc / tc:.3f} | {te / tc:.2f}× | {se / sc:.2f}× | "
+            f"{tcs:.0f}, {scs:.0f} |"
+        )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--compile", action="store_true", help="also time both models under torch.compile (slow on CPU)")
     p.add_argument("--peak-child", nargs=2, metavar=("MODEL", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.peak_child:
@@ -177,6 +218,8 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {n} | {t:.1f} | {s:.1f} | {r:.3f} | {tm:.0f} | {sm:.0f} |" for n, t, s, r, tm, sm in lat]
+    if args.compile:
+        lines += compiled_lines(bench_compiled(device, args.repeats, args.tokens))
     body = "\n".join(lines)
     print(body)
     write_section(args.out, "convert", body)
