@@ -6,7 +6,7 @@ Every weight file is read without unpickling (safetensors; `.pt` only through
 A single `.safetensors` file is recognised by its key names, read from the header alone
 (`checkpoint_layout`), against the checkpoint-layout registry (`dit_graft.model.checkpoints`) that the
 families fill: Black Forest Labs' FLUX layout, the original facebookresearch DiT layout, Wan's original
-layout, ... and diffusers' own layout (`transformer_blocks.*`, registered here). A layout reads its config off
+layout, ... and diffusers' own layout (registered by the model layer itself). A layout reads its config off
 the checkpoint's shapes where it can (`infer_config`); a local config directory (`model.config` in a recipe: a
 diffusers model or pipeline directory, or `bundled:configs/NAME`) overrides it, and diffusers' layout needs
 one. Weights-only torch pickles (`.pt`/`.pth`/`.bin`) are read as the layouts that accept them. Anything else
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dit_graft.errors import InputError, IntegrityError
-from dit_graft.model.checkpoints import LAYOUTS, CheckpointLayout, detect_layout, register_layout
+from dit_graft.model.checkpoints import LAYOUTS, detect_layout
 from dit_graft.model.io import (  # noqa: F401 - re-exported: the loading API
     assign_state,
     build_from_config,
@@ -182,27 +182,6 @@ def load_model(
     if not meta:
         load_weights(model, directory)
     return model.eval()
-
-
-def _diffusers_detect(keys) -> bool:
-    return any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "blocks.")) for k in keys)
-
-
-def _diffusers_convert(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """diffusers' own layout: the state dict as it is, every key and shape checked against the model's."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
-    if missing or extra:
-        what, keys = ("missing key", missing) if missing else ("unexpected key", extra)
-        raise IntegrityError(f"{what} {keys[0]}" + (f" (+{len(keys) - 1} more)" if keys[1:] else ""))
-    for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise IntegrityError(f"{k} has shape {tuple(state[k].shape)}, the model expects {tuple(shape)}")
-    return dict(state)
-
-
-register_layout(CheckpointLayout("diffusers", "any", _diffusers_detect, _diffusers_convert, priority=-10))
 
 
 def checkpoint_layout(keys) -> str | None:

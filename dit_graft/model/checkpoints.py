@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_graft.errors import IntegrityError
 from dit_graft.registry import Registry
 
 
@@ -64,3 +65,26 @@ def detect_layout(keys: Collection[str], pickle: bool = False) -> CheckpointLayo
 
 def layout_names() -> list[str]:
     return [name for name, _ in LAYOUTS.items()]
+
+
+def _diffusers_detect(keys) -> bool:
+    return any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "blocks.")) for k in keys)
+
+
+def _diffusers_convert(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """diffusers' own layout: the state dict as it is, every key and shape checked against the model's."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        what, keys = ("missing key", missing) if missing else ("unexpected key", extra)
+        raise IntegrityError(f"{what} {keys[0]}" + (f" (+{len(keys) - 1} more)" if keys[1:] else ""))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise IntegrityError(f"{k} has shape {tuple(state[k].shape)}, the model expects {tuple(shape)}")
+    return dict(state)
+
+
+register_layout(
+    CheckpointLayout("diffusers", "any", _diffusers_detect, _diffusers_convert, priority=-10)
+)  # diffusers' own layout: any family's, the config comes from model.config
