@@ -422,3 +422,21 @@ def test_per_token_timesteps_of_ti2v_equal_one_per_sample_for_text_to_video():
         output_type="latent",
     ).frames
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_of_a_family_without_them_are_refused(tmp_path, write_recipe, capsys):
+    from tests.conftest import tiny_dit
+
+    for sub in ("a", "b"):
+        tiny_dit().save_pretrained(tmp_path / "teacher" / sub)
+    data = {
+        "model": {"source": str(tmp_path / "teacher"), "experts": {"subfolders": ["a", "b"], "boundary": 0.5}},
+        "graft": [{"site": "mlp", "layers": [0], "op": "mlp_ratio", "options": {"ratio": 2.0}}],
+        "distill": {"steps": 1, "batch_size": 2, "pool_size": 2, "pool_steps": 1},
+    }
+    code, _, stderr = run_cli(["convert", write_recipe(data), "--out", tmp_path / "student"], capsys)
+    assert code == 2 and "model.experts: the dit family has no timestep experts" in stderr
+    assert not (tmp_path / "student").exists()
+    data["model"]["experts"]["boundary"] = 1.5
+    code, _, stderr = run_cli(["validate", write_recipe(data)], capsys)
+    assert code == 2 and "boundary" in stderr
