@@ -440,3 +440,30 @@ def test_experts_of_a_family_without_them_are_refused(tmp_path, write_recipe, ca
     data["model"]["experts"]["boundary"] = 1.5
     code, _, stderr = run_cli(["validate", write_recipe(data)], capsys)
     assert code == 2 and "boundary" in stderr
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"op": "parallel_blocks", "options": {"pairs": "all"}},
+        {"op": "prune_depth", "options": {"method": "contiguous", "keep": 2, "calibration_samples": 2}},
+        {"op": "prune_depth", "options": {"method": "learnable", "group_size": 2, "keep_per_group": 1}},
+    ],
+    ids=["parallel", "contiguous", "learnable"],
+)
+def test_depth_edits_act_on_wans_blocks_and_reload_bitwise(tmp_path, edit):
+    from dit_graft.export import export
+    from dit_graft.plan import apply, plan
+    from dit_graft.recipe import validate
+
+    teacher = tiny_wan(num_layers=4)
+    graft = [{"site": "depth", **edit}, {"site": "attention", "layers": "all", "op": "sla"}]
+    recipe = validate({"model": {"source": "unused"}, "graft": graft})
+    graft_plan = plan(teacher, recipe)
+    student = apply(teacher, graft_plan)
+    assert len(student.blocks) == 2 and len([s for s in WAN.sites(student) if s.path.endswith("attn1")]) >= 2
+    reloaded = dit_graft.from_pretrained(export(student, graft_plan, recipe.model_dump(), tmp_path / "out", {}))
+    inputs = WAN.tiny_inputs(teacher)
+    with torch.no_grad():
+        ours = WAN.forward(student, inputs["x"], inputs["t"], inputs["cond"])
+        assert torch.equal(ours, WAN.forward(reloaded, inputs["x"], inputs["t"], inputs["cond"]))
