@@ -48,7 +48,7 @@ def tile_sizes(grid: tuple[int, ...], reaches: tuple[int, ...]) -> tuple[int, ..
 
     def cost(tiles: tuple[int, ...]) -> float:
         tiles = tuple(min(t, g) for t, g in zip(tiles, grid, strict=True))
-        box = math.prod(t + 2 * r for t, r in zip(tiles, reaches, strict=True))
+        box = math.prod(min(t + 2 * r, g) for t, r, g in zip(tiles, reaches, grid, strict=True))
         padded = math.prod(math.ceil(g / t) * t for g, t in zip(grid, tiles, strict=True)) / math.prod(grid)
         return padded * box * (1 + GATHER_COST / math.prod(tiles))
 
@@ -85,34 +85,34 @@ def window_attention_blockwise(
     box = tuple(min(r, g - 1) for r, g in zip(box, grid, strict=True))
     tiles = tile_sizes(grid, box)
     counts = tuple(math.ceil(g / t) for g, t in zip(grid, tiles, strict=True))
-    spans = tuple(t + 2 * r for t, r in zip(tiles, box, strict=True))
+    # The key box of a tile: its queries' reach, but never past the grid (shifted inward at the borders, so that
+    # every box holds only grid tokens and small grids are not padded with empty slots).
+    spans = tuple(min(t + 2 * r, g) for t, r, g in zip(tiles, box, grid, strict=True))
     n_tiles, Q, L = math.prod(counts), math.prod(tiles), math.prod(spans)
 
-    # Key box of every tile: grid coordinates per dim, then one flat index (clamped) and a validity mask.
-    def axis(count: int, tile: int, span: int, r: int) -> torch.Tensor:
-        return torch.arange(count, device=device)[:, None] * tile + torch.arange(span, device=device)[None, :] - r
-
-    coords = [axis(c, t, s, r) for c, t, s, r in zip(counts, tiles, spans, box, strict=True)]  # [count_i, span_i]
-    flat, valid = None, None
-    for i, (c, g) in enumerate(zip(coords, grid, strict=True)):
+    # Per dim: query coordinates [count, tile] and key coordinates [count, span] of every tile, and their offsets.
+    offsets, flat = [], None
+    for i, (c, t, s, r, g) in enumerate(zip(counts, tiles, spans, box, grid, strict=True)):
+        start = torch.arange(c, device=device) * t
+        box_start = (start - r).clamp(0, g - s)
+        keys = box_start[:, None] + torch.arange(s, device=device)  # [c, s], inside the grid
+        queries = start[:, None] + torch.arange(t, device=device)  # [c, t] (past the grid: padding rows)
+        offsets.append(keys[:, None, :] - queries[:, :, None])  # [c, t, s]: key − query
         view = [1] * (2 * dims)
-        view[i], view[dims + i] = c.shape[0], c.shape[1]
-        ci = c.view(view)  # broadcast over (tile index per dim..., key offset per dim...)
-        ok = (ci >= 0) & (ci < g)
-        idx = ci.clamp(0, g - 1)
-        flat = idx if flat is None else flat * g + idx
-        valid = ok if valid is None else valid & ok
+        view[i], view[dims + i] = c, s
+        flat = keys.view(view) if flat is None else flat * g + keys.view(view)
     key_index = flat.expand(*counts, *spans).reshape(n_tiles, L)  # [n_tiles, L]
-    key_valid = valid.expand(*counts, *spans).reshape(n_tiles, L)  # [n_tiles, L]
+    strides = [math.prod(counts[i + 1 :]) for i in range(dims)]
 
-    # Window mask between a query's offset inside its tile and a key's offset inside the box: the same for all tiles.
-    deltas = []
-    for i, (t, s, r) in enumerate(zip(tiles, spans, box, strict=True)):
-        view = [1] * (2 * dims)
-        view[i], view[dims + i] = t, s
-        d = (torch.arange(s, device=device)[None, :] - r - torch.arange(t, device=device)[:, None]).view(view)
-        deltas.append(d)
-    relative = offsets_inside(deltas, radius, shape, temporal_radius).expand(*tiles, *spans).reshape(Q, L)
+    def window_mask(start: int, stop: int) -> torch.Tensor:
+        """[c, Q, L]: the window between each query and each key of the tiles [start, stop)."""
+        tile = torch.arange(start, stop, device=device)
+        deltas = []
+        for i, (d, t, s) in enumerate(zip(offsets, tiles, spans, strict=True)):
+            view = [stop - start] + [1] * (2 * dims)
+            view[1 + i], view[1 + dims + i] = t, s
+            deltas.append(d[(tile // strides[i]) % counts[i]].view(view))
+        return offsets_inside(deltas, radius, shape, temporal_radius).expand(-1, *tiles, *spans).reshape(-1, Q, L)
 
     # Query tiles: the grid zero-padded to whole tiles, cut into [n_tiles, Q] (padding rows are dropped at the end).
     padded = tuple(c * t for c, t in zip(counts, tiles, strict=True))
@@ -137,7 +137,7 @@ def window_attention_blockwise(
 
     def chunk(start: int, stop: int, qt: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
         index = key_index[start:stop] + text  # [c, L]
-        mask = relative[None] & key_valid[start:stop, None, :]  # [c, Q, L]
+        mask = window_mask(start, stop)  # [c, Q, L]
         keys, values, mask = with_text_keys(kf[:, index], vf[:, index], mask, kf[:, :text], vf[:, :text])
         return attend(qt[:, start:stop], keys, values, mask, scale)  # [BH, c, Q, DV]
 

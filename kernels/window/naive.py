@@ -3,6 +3,8 @@ softmax. The truth the bounded-memory path (blockwise.py) and the Triton tile ke
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._blockwise import text_prefix_mask
@@ -13,21 +15,24 @@ def offsets_inside(
 ) -> torch.Tensor:
     """Whether integer offsets (Δ per grid dim, broadcastable tensors) lie in the window.
 
-    square: max |Δ| ≤ radius; circle: Σ Δ² < radius² (both in float64). With temporal_radius (3-D grids only) the first
-    dim is time: |Δt| ≤ temporal_radius and the shape applies to the other two dims.
+    square: max |Δ| ≤ radius; circle: Σ Δ² < radius² (radius² in float64). With temporal_radius (3-D grids only)
+    the first dim is time: |Δt| ≤ temporal_radius and the shape applies to the other two dims.
     """
     inside = None
     if temporal_radius is not None:
         inside = deltas[0].abs() <= temporal_radius
         deltas = deltas[1:]
+    # Integer offsets: |Δ| ≤ r ⇔ |Δ| ≤ ⌊r⌋ and Σ Δ² < r² ⇔ Σ Δ² < ⌈r²⌉ (r² in float64), exactly, in integers.
     if shape == "square":
         spatial = None
         for d in deltas:
-            ok = d.abs().to(torch.float64) <= radius  # float64: an int tensor against a float compares in fp32
+            ok = d.abs() <= math.floor(radius)
             spatial = ok if spatial is None else spatial & ok
     elif shape == "circle":
-        total = sum(d.to(torch.float64) ** 2 for d in deltas)
-        spatial = total < radius * radius
+        total = None
+        for d in deltas:
+            total = d * d if total is None else total + d * d
+        spatial = total < math.ceil(radius * radius)
     else:
         raise ValueError(f"unknown window shape {shape!r}")
     return spatial if inside is None else inside & spatial

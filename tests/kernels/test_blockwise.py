@@ -398,11 +398,12 @@ def test_blockwise_paths_never_hold_n_by_n_scores(score_sizes):
     for fn, kept in calls:
         score_sizes.clear()
         fn().sum().backward()
-        assert max(score_sizes) <= 2**17, max(score_sizes)  # one chunk (a group may exceed the budget alone)
+        # One chunk holds at most the budget, or one query group when a group alone exceeds it: far below N².
+        assert max(score_sizes) <= max(2**16, N * N // 64), max(score_sizes)
         # Forward once, backward recomputes each chunk once (checkpointing): twice the scores.
         total = sum(score_sizes) / 2
         if kept is not None:  # window tiles trade extra scores for fewer gathers (window/blockwise.py, tile_sizes)
-            assert total <= 8 * kept, (total, kept)
+            assert total <= 16 * kept, (total, kept)
         assert total < N * N / 4
 
 
