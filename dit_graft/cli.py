@@ -266,15 +266,24 @@ def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None, device=
                 f"--resolution {px}: not a size {type(model).__name__} takes "
                 f"(a multiple of {scale * _latent_multiple(model)} px)"
             )
-    sizes = [px // scale for px in pixels] if pixels else [None]
+    # without --resolution, a family may name the sizes its costs are quoted at (Wan: 480p and 720p × 81 frames)
+    named = {} if pixels else getattr(family_for(model), "cost_sizes", lambda _: {})(model)
+    sizes = [px // scale for px in pixels] if pixels else list(named.values()) or [None]
     costs = [(_cost(model, size), _cost(student, size)) for size in sizes]
+    labels = [str(px) for px in pixels] or list(named)
     out_console.print("[bold]resolved recipe[/bold]")
     out_console.print(yaml.safe_dump(recipe.model_dump(), sort_keys=False).rstrip())
-    if pixels:
-        out_console.print(f"[bold]per-module costs at {pixels[0]} px[/bold]")
+    if labels:
+        out_console.print(f"[bold]per-module costs at {labels[0]}{' px' if pixels else ''}[/bold]")
     _print_plan(graft_plan, *costs[0])
-    if pixels:
-        _print_resolutions(pixels, costs)
+    if labels:
+        _print_resolutions(labels, costs)
+    from dit_graft.pipeline import trained_parameters
+
+    trained, total = trained_parameters(model, graft_plan, recipe.distill)
+    out_console.print(
+        f"trained parameters (distill.trainable: {recipe.distill.trainable}): {_fmt(trained)} of {_fmt(total)}"
+    )
     _print_memory(_memory(model, graft_plan, recipe, device, processes))
     out_console.print(f"dry run: no weights loaded ({time.perf_counter() - t0:.1f}s)")
 
@@ -593,6 +602,10 @@ def eval_(
     batch: Annotated[int, typer.Option(min=1, help="Samples per sampler call.")] = 100,
     out: Annotated[Path | None, typer.Option(help="Directory for samples.png, report.md and report.json.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    compile_: Annotated[
+        bool,
+        typer.Option("--compile", help="torch.compile (fullgraph, inductor) MODEL and --teacher before timing them."),
+    ] = False,
 ) -> None:
     """Sample a model; fidelity and latency against a teacher, digits FD/accuracy, real-dataset FID."""
     from dit_graft.evaluate import FIDReference, evaluate, latent_size, load_vae, sample_grid, vae_dir, write_report
@@ -621,6 +634,7 @@ def eval_(
         vae_source=str(vae_dir(vae_path)) if autoencoder is not None else None,
         fid=fid,
         batch=batch,
+        compile="inductor" if compile_ else None,
     )
     report = {"model": model, "teacher": teacher, **report}
     if out is not None:

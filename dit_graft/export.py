@@ -55,8 +55,14 @@ def export(
     extra_files: dict[str, Path] | None = None,
     dtype: str = "float32",
 ) -> Path:
-    """Writes the student, its plan and its model card to `out` atomically."""
+    """Writes the student, its plan and its model card to `out` atomically.
+
+    With several processes only the main one writes (the others return at once; `dit_graft.pipeline` makes
+    them wait for it).
+    """
     out = Path(out)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return out
     tmp = tmp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

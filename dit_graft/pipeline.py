@@ -367,3 +367,10 @@ def _write(student, graft_plan, recipe, out: Path, metrics, log: list[dict], wor
         except Exception as e:  # noqa: BLE001 - reported to every rank by agree()
             error = e
     dist.agree(error)
+
+
+def trained_parameters(teacher: nn.Module, graft_plan: GraftPlan, cfg) -> tuple[int, int]:
+    """(parameters `distill.trainable` trains, student parameters), on a fresh student (meta works: dry runs)."""
+    student = apply(teacher, graft_plan)
+    total = param_count(student)
+    return select(teacher, student, targets(teacher, student, graft_plan), cfg).count, total
