@@ -19,11 +19,11 @@ module has scale 1 and the file reads the same with and without its metadata.
 Inputs: the safetensors that diffusers' `save_lora_weights` and peft write (`transformer.<path>.lora_A.weight`,
 `base_model.model.<path>...`, or bare paths), with alphas from `<path>.alpha` keys or the
 `lora_adapter_metadata` (r, lora_alpha, rank_pattern, alpha_pattern); for FLUX also the kohya, XLabs and
-BFL layouts, converted by diffusers' own `FluxLoraLoaderMixin.lora_state_dict`. Text-encoder keys are
+BFL layouts (Wan: the original and kohya layouts), converted by diffusers' own `lora_state_dict`. Text-encoder keys are
 copied unchanged (the student shares the teacher's text encoders). Pickles are refused.
 
 Output: `OUT/pytorch_lora_weights.safetensors` in diffusers' layout with `lora_adapter_metadata`, loadable by the
-family pipeline's `load_lora_weights` (FLUX) or `load_lora` here (peft; DiT and PixArt pipelines have no LoRA
+family pipeline's `load_lora_weights` (FLUX, Wan) or `load_lora` here (peft; DiT and PixArt pipelines have no LoRA
 loader), and `OUT/lora_report.json`.
 """
 
@@ -49,6 +49,7 @@ REPORT_NAME = "lora_report.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 PREFIXES = ("transformer.", "base_model.model.")
 PASSTHROUGH = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
+CONVERTERS = {"flux": "FluxLoraLoaderMixin", "wan": "WanLoraLoaderMixin"}  # family → diffusers' LoRA reader
 KOHYA_MARKERS = (".lora_down.weight", ".lora_up.weight", "lora_unet_", "diffusion_model.")
 
 
@@ -155,18 +156,21 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str], famil
     """Groups a LoRA state dict into teacher modules (paths without any prefix), scales resolved."""
     source_format = "diffusers"
     if any(marker in k for k in tensors for marker in KOHYA_MARKERS) or any(k.startswith("lora_") for k in tensors):
-        if family != "flux":
+        if family not in CONVERTERS:
             raise InputError(
-                f"{where}: kohya-style keys ({next(iter(tensors))}) are read for FLUX only; this export is {family}"
+                f"{where}: kohya-style keys ({next(iter(tensors))}) are read for {' and '.join(CONVERTERS)} only "
+                f"(diffusers converts them); this export is {family}"
             )
-        from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+        import diffusers.loaders.lora_pipeline as lora_pipeline
 
+        mixin = getattr(lora_pipeline, CONVERTERS[family])
         try:
-            tensors, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(tensors), return_alphas=True)
+            converted = mixin.lora_state_dict(dict(tensors), return_alphas=True)
         except Exception as e:  # diffusers' converters raise ValueError/KeyError on layouts they do not know
-            raise InputError(f"{where}: diffusers cannot read this FLUX LoRA layout ({e})") from None
+            raise InputError(f"{where}: diffusers cannot read this {family} LoRA layout ({e})") from None
+        tensors, alphas = converted if isinstance(converted, tuple) else (converted, None)
         tensors = {**tensors, **(alphas or {})}
-        source_format = "kohya/flux (converted by diffusers)"
+        source_format = f"kohya/original {family} layout (converted by diffusers' {CONVERTERS[family]})"
     meta = _adapter_metadata(metadata, where)
     own_meta = {k.split(".", 1)[1]: v for k, v in meta.items() if k.startswith("transformer.")}
     other_meta = {k: v for k, v in meta.items() if not k.startswith("transformer.")}

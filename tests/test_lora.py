@@ -258,6 +258,38 @@ def test_flux_kohya_layout(tmp_path):
     assert _rel(_forward(pipe.transformer), _forward(_reference(teacher, state, export_dir, scale=2.0))) <= 1e-6
 
 
+def test_wan_lora_loads_with_the_pipeline_and_equals_merged_student(tmp_path):
+    from diffusers import WanPipeline
+
+    from dit_graft.families import FAMILIES
+    from tests.contract import tiny_model
+
+    family = FAMILIES.get("wan")
+    teacher = tiny_model("wan")
+    export_dir = tmp_path / "student"
+    graft = [
+        {"site": "depth", "op": "prune_depth", "options": {"keep": 1}},
+        {"site": "mlp", "op": "prune_width", "options": {"keep": 0.5}},
+    ]
+    student = _export(teacher, graft, export_dir)
+    paths = _linear_paths(teacher, ("to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2"))
+    state = make_lora(teacher, paths)
+    save_file(state, str(tmp_path / "l.safetensors"))
+    report = _remap(tmp_path / "l.safetensors", export_dir, tmp_path / "lora")
+    assert report["dropped"] and all(k.startswith("blocks.") for k in report["dropped"])
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=copy.deepcopy(student))
+    pipe.load_lora_weights(tmp_path / "lora")
+    ref = _reference(teacher, state, export_dir)
+    inputs = family.tiny_inputs(teacher)
+
+    def run(model):
+        with torch.no_grad():
+            return family.forward(model, inputs["x"], inputs["t"], inputs["cond"])
+
+    assert _rel(run(pipe.transformer), run(ref)) <= 1e-6
+    assert _rel(run(student), run(ref)) > 1e-3
+
+
 @pytest.fixture(scope="module")
 def dit_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "student"
