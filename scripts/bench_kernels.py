@@ -1,7 +1,7 @@
 """Benchmarks the attention kernels against torch SDPA at the same shapes, measured side by side in one run.
 
     python scripts/bench_kernels.py            # GPU shapes (bf16); writes the "kernels" section of docs/benchmarks.md
-    python scripts/bench_kernels.py --small    # shrunken shapes: a minute or two on a CPU (the naive paths there)
+    python scripts/bench_kernels.py --small    # shrunken shapes: a minute or two on a CPU (the PyTorch paths there)
 
 Per kernel and shape: forward and forward + backward median time (triton.testing.do_bench on CUDA, a wall-clock
 median on CPU), the backward as their difference, achieved TB/s and TFLOP/s, the fraction of the roofline floor
@@ -299,7 +299,7 @@ def main() -> None:
 
     rows = bench(args.small, device, dtype, repeats)
     command = "python scripts/bench_kernels.py" + (" --small" if args.small else "")
-    backend = os.environ.get("DIT_GRAFT_KERNELS") or ("triton" if device.type == "cuda" else "naive")
+    backend = os.environ.get("DIT_GRAFT_KERNELS") or ("triton" if device.type == "cuda" else "blockwise")
     body = [
         f"Kernels vs torch SDPA on **{device_name(device)}**, {str(dtype).removeprefix('torch.')}, kernel backend "
         f"`{backend}`, torch {torch.__version__}. Command: `{command}`.",
@@ -307,7 +307,7 @@ def main() -> None:
     ]
     if device.type != "cuda":
         body += [
-            "**CPU run of the naive PyTorch paths (no Triton), at shrunken shapes: a smoke test of the script, not "
+            f"**CPU run of the `{backend}` PyTorch paths (no Triton), at shrunken shapes: a smoke test of the script, not "
             "GPU numbers and not comparable with the GPU targets.**",
             "",
         ]
