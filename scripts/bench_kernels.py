@@ -307,8 +307,8 @@ def main() -> None:
     ]
     if device.type != "cuda":
         body += [
-            f"**CPU run of the `{backend}` PyTorch paths (no Triton), at shrunken shapes: a smoke test of the script, not "
-            "GPU numbers and not comparable with the GPU targets.**",
+            f"**CPU run of the `{backend}` PyTorch paths (no Triton), at shrunken shapes: a smoke test of the script, "
+            "not GPU numbers and not comparable with the GPU targets.**",
             "",
         ]
     body += [
