@@ -3,25 +3,29 @@
 Per device, for the recipe's resolution, per-device batch (global batch / processes), trainable scope,
 dtypes, activation checkpointing, process count and strategy (ddp | fsdp):
 
-- teacher weights: every teacher parameter in `frozen_dtype` (fsdp: sharded over the processes);
+- teacher weights: every teacher parameter in `frozen_dtype`, a full copy on every device;
 - student weights: trainable parameters in float32, frozen parameters the graft edited or added in
-  `frozen_dtype`; frozen parameters the graft left as they were are the teacher's own tensors (shared,
-  no extra bytes; listed for information);
+  `frozen_dtype`; frozen parameters the graft left as they were (same name, same tensor) are the
+  teacher's own tensors (shared, no extra bytes; counted for information). fsdp gives the student its
+  own copy of every tensor and shards it over the processes;
 - gradients (float32) and AdamW's two float32 states, for trainable parameters only (fsdp: sharded);
-  ddp over several processes adds its gradient buckets (one more float32 copy of the gradients);
-- fsdp: the unsharded parameters of the block being computed and the one prefetched, and one block's
-  unsharded gradients before the reduce-scatter;
+  ddp over several processes averages the gradients through one flat float32 buffer after backward
+  (counted beyond what the freed activations leave);
+- fsdp: block 0 (kept gathered), the block being computed and the one prefetched, unsharded, and one
+  block's gradients before the reduce-scatter;
 - activations saved for the student's backward, measured (see `measure_activations`): the student runs
   one forward on the meta device at batch 1 and the recipe's resolution with each parameter's
-  `requires_grad` set as the scope says, and every tensor autograd saves is counted once (by storage;
-  parameters excluded), attributed to the transformer block running when it was saved. Without
+  `requires_grad` set as the scope says (the trainer's scopes: `touched_modules`), and every tensor
+  autograd saves is counted once (by storage; parameters excluded), attributed to the transformer
+  block running when it was saved (attention cores as their kernels save: `_guarded_cores`). Without
   checkpointing a device holds all of them × the batch; with it, every block's inputs (what a checkpoint
   keeps) plus one block's own activations while that block is recomputed. Attention goes through a shim of
   `F.scaled_dot_product_attention` that saves what a fused kernel saves (q, k, v, the output and the
   float32 log-sum-exp: flash attention on GPUs, the grid operators' Triton kernels, PyTorch's CPU flash
   path); the math path, which materialises the B·H·N·M probabilities, adds them (`attention: math`);
 - mixed precision: autocast's low-precision copies of float32 weights that backward needs (trainable ones
-  and float32 frozen ones), held from forward to backward (one block's worth with checkpointing);
+  and float32 frozen ones), held from forward to backward (one block's worth with checkpointing; fsdp
+  runs without a mixed-precision policy, so the same);
 - working memory: the transient peak beyond the saved tensors — a few activation-sized gradient buffers
   during backward, or the probabilities and their gradient on the math path (also what the teacher's
   no_grad forward peaks at); with `feature_mse`, every teacher block output is held for the loss;
@@ -171,48 +175,75 @@ def _inherited_apply(teacher: nn.Module, graft_plan) -> tuple[nn.Module, nn.Modu
     return fresh, student
 
 
-def grafted_paths(graft_plan) -> list[str]:
-    """The module paths, in the final student, of every module an attention/MLP edit touched."""
-    return sorted(graft_plan.operators_by_site())
+@dataclass
+class Touched:
+    """The modules the edits touched, as the trainer's scopes see them (`dit_graft.training.scope`)."""
+
+    paths: list[str]  # student paths of the stage-1 targets (grafted sites, merged blocks)
+    new: set[str]  # parameters of those modules with no same-named parameter in the teacher module they replace
+    lora_modules: list[str]  # the Linear layers inside them
+
+
+_BRANCH = re.compile(r"branches\.\d+\.")
+
+
+def touched_modules(teacher: nn.Module, student: nn.Module, graft_plan) -> Touched:
+    """The stage-1 targets of the plan (`dit_graft.training.stages.targets`) and what each scope trains in them."""
+    from dit_graft.training.stages import targets
+
+    paths, new, lora = [], set(), []
+    for tgt in targets(teacher, student, graft_plan):
+        paths.append(tgt.student)
+        try:
+            known = {n for n, _ in teacher.get_submodule(tgt.first).named_parameters()}
+        except AttributeError:
+            known = set()
+        module = student.get_submodule(tgt.student)
+        for name, _ in module.named_parameters():
+            if _BRANCH.sub("", name) not in known and name not in known:
+                new.add(f"{tgt.student}.{name}")
+        lora += [f"{tgt.student}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear) and n]
+    return Touched(paths, new, list(dict.fromkeys(lora)))
 
 
 def _under(name: str, paths: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in paths)
 
 
-def scope_of(student: nn.Module, graft_plan, scope: str, teacher_ids: dict[int, str]) -> dict[str, str]:
+def scope_of(student: nn.Module, touched: Touched, scope: str, teacher_ids: dict[int, str]) -> dict[str, str]:
     """name → 'trainable' | 'frozen_own' | 'shared' for every student parameter under `scope`.
 
-    `new`: parameters that are not teacher tensors and whose name the teacher does not have (the graft
-    added them); `grafted`: every parameter under a module an edit touched; `all`: everything; `lora`:
-    none of the student's own (the adapters are counted apart). A frozen parameter that is the teacher's
-    own tensor (inherited unedited) is shared; other frozen ones are the student's own.
+    As the trainer selects them: `new`: the touched modules' parameters the teacher module they replace
+    does not have; `grafted`: every parameter of the touched modules; `all`: everything; `lora`: the `new`
+    parameters outside the adapted Linear layers (the adapters are counted apart). A frozen parameter that
+    is the teacher's own tensor under the same name (inherited unedited), or a builder's copy with the name
+    and shape of a teacher parameter (the trainer shares those when their values are equal: a sliced MLP's
+    output bias, say), is shared; other frozen ones are the student's own. `teacher_ids` maps id → (name,
+    shape) of the teacher's parameters.
     """
-    paths = grafted_paths(graft_plan)
-    teacher_names = set(teacher_ids.values())
+    shapes = {name: shape for name, shape in teacher_ids.values()}
     out = {}
     for name, p in student.named_parameters():
-        inherited = id(p) in teacher_ids
         if scope == "all":
             train = True
         elif scope == "grafted":
-            train = _under(name, paths)
+            train = _under(name, touched.paths)
         elif scope == "new":
-            train = not inherited and name not in teacher_names
+            train = name in touched.new
         else:
-            train = False
-        out[name] = "trainable" if train else "shared" if inherited else "frozen_own"
+            train = name in touched.new and name.rsplit(".", 1)[0] not in touched.lora_modules
+        if id(p) in teacher_ids:  # the teacher's tensor itself: shared where its name is unchanged
+            shared = teacher_ids[id(p)][0] == name
+        else:  # a builder's copy: the trainer shares it when it equals the teacher's (same name, same shape)
+            shared = shapes.get(name) == tuple(p.shape)
+        out[name] = "trainable" if train else "shared" if shared else "frozen_own"
     return out
 
 
-def lora_params(student: nn.Module, graft_plan, rank: int) -> tuple[int, int]:
-    """(LoRA parameters, largest per block) for rank-r adapters on the grafted modules' Linear layers."""
-    paths = grafted_paths(graft_plan)
-    per_module = {}
-    for name, m in student.named_modules():
-        if isinstance(m, nn.Linear) and _under(name, paths):
-            per_module[name] = rank * (m.in_features + m.out_features)
-    return sum(per_module.values()), max(per_module.values(), default=0)
+def lora_params(student: nn.Module, touched: Touched, rank: int) -> tuple[int, int]:
+    """(LoRA parameters, the most on one layer) for rank-r adapters on the touched modules' Linear layers."""
+    per_module = [rank * (m.in_features + m.out_features) for m in map(student.get_submodule, touched.lora_modules)]
+    return sum(per_module), max(per_module, default=0)
 
 
 def _block_of(name: str, block_paths: list[str]) -> str | None:
@@ -222,8 +253,8 @@ def _block_of(name: str, block_paths: list[str]) -> str | None:
     return None
 
 
-def _scope_params(student, graft_plan, scope, teacher_ids, block_paths, lora_rank) -> ScopeParams:
-    kinds = scope_of(student, graft_plan, scope, teacher_ids)
+def _scope_params(student, touched, scope, teacher_ids, block_paths, lora_rank) -> ScopeParams:
+    kinds = scope_of(student, touched, scope, teacher_ids)
     matmul = {f"{n}.weight" for n, m in student.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))}
     counts = {"trainable": 0, "frozen_own": 0, "shared": 0}
     t_mm = f_mm = 0
@@ -242,9 +273,11 @@ def _scope_params(student, graft_plan, scope, teacher_ids, block_paths, lora_ran
             acc[1] += p.numel() if name in matmul else 0
     largest, largest_mm = max(per_block.values(), default=[0, 0], key=lambda v: v[0])
     if scope == "lora":
-        total, per_module = lora_params(student, graft_plan, lora_rank)
-        counts["trainable"] = t_mm = total
-        largest = largest_mm = per_module  # a block's adapters are a few of these; small either way
+        total, per_module = lora_params(student, touched, lora_rank)
+        counts["trainable"] += total
+        t_mm += total
+        largest += per_module  # a block's adapters are a few of these; small either way
+        largest_mm += per_module
     return ScopeParams(counts["trainable"], counts["frozen_own"], counts["shared"], t_mm, f_mm, largest, largest_mm)
 
 
@@ -488,9 +521,10 @@ def profile(teacher: nn.Module, graft_plan, recipe) -> ModelProfile:
         raise InputError(f"distill.resolution: {cfg.resolution} px is not a multiple of the VAE factor {scale}")
     latent = cfg.resolution // scale if cfg.resolution is not None else None
     fresh, student = _inherited_apply(teacher, graft_plan)
-    teacher_ids = {id(p): n for n, p in student._dit_graft_teacher_params}
+    teacher_ids = {id(p): (n, tuple(p.shape)) for n, p in student._dit_graft_teacher_params}
     block_paths = _block_paths(student, family)
-    scopes = {s: _scope_params(student, graft_plan, s, teacher_ids, block_paths, cfg.lora.rank) for s in SCOPES}
+    touched = touched_modules(fresh, student, graft_plan)
+    scopes = {s: _scope_params(student, touched, s, teacher_ids, block_paths, cfg.lora.rank) for s in SCOPES}
     t_blocks = family.blocks(fresh)
     s_blocks = family.blocks(student)
     largest_t = max((sum(p.numel() for p in b.parameters()) for b in t_blocks), default=0)
@@ -499,7 +533,7 @@ def profile(teacher: nn.Module, graft_plan, recipe) -> ModelProfile:
     dtype = COMPUTE_DTYPE[cfg.mixed_precision]
     acts = {}
     for s in ("all", "grafted", "new"):
-        kinds = scope_of(student, graft_plan, s, teacher_ids)
+        kinds = scope_of(student, touched, s, teacher_ids)
         acts[s] = measure_activations(student, family, {n for n, k in kinds.items() if k == "trainable"}, latent, dtype)
     acts["lora"] = acts["grafted"]  # adapters on the grafted Linear layers save what training them saves
     px = latent * family.vae_scale(teacher) if latent else None
@@ -609,34 +643,38 @@ def settings_from(recipe, processes: int = 1, attention: str = "flash", gpu: boo
 
 
 def estimate(prof: ModelProfile, s: Settings, feature_mse: bool = False) -> dict[str, int]:
-    """Bytes per device, by part, for settings `s` (see the module docstring)."""
+    """Bytes per device, by part, for settings `s` (see the module docstring).
+
+    As the trainer runs (`dit_graft.pipeline`): the teacher is a full copy in `frozen_dtype` on every
+    device; ddp keeps the whole student per device and averages gradients through one flat buffer per
+    dtype after backward; fsdp gives the student its own copy of every tensor (none shared) and shards
+    it, its gradients and AdamW states, one unit per block (block 0 stays gathered), without a
+    mixed-precision policy (autocast casts as under ddp).
+    """
     f = DTYPE_BYTES[s.frozen_dtype]
     c = DTYPE_BYTES[str(COMPUTE_DTYPE[s.mixed_precision]).removeprefix("torch.")]
     sp = prof.scopes[s.trainable]
     n = s.processes
-    shard = n if s.parallel == "fsdp" else 1
+    fsdp = s.parallel == "fsdp" and n > 1
     b = s.per_device_batch
     acts = prof.activations[s.trainable]
-    rows = {
-        "teacher weights": prof.teacher_params * f // shard,
-        "student weights (own)": (sp.trainable * 4 + sp.frozen_own * f) // shard,
-        "gradients": sp.trainable * 4 // shard,
-        "optimizer state (AdamW)": sp.trainable * 8 // shard,
-    }
-    if s.parallel == "ddp" and n > 1:
-        rows["DDP gradient buckets"] = sp.trainable * 4
-    if s.parallel == "fsdp" and n > 1:
-        unsharded = 2 * max(prof.largest_student_block * c, prof.largest_teacher_block * f)
-        rows["FSDP unsharded blocks"] = unsharded + sp.largest_block_trainable * 4
+    rows = {"teacher weights": prof.teacher_params * f}
+    if fsdp:
+        rows["student weights (own)"] = (sp.trainable * 4 + (sp.frozen_own + sp.shared) * f) // n
+    else:
+        rows["student weights (own)"] = sp.trainable * 4 + sp.frozen_own * f
+    rows["gradients"] = sp.trainable * 4 // (n if fsdp else 1)
+    rows["optimizer state (AdamW)"] = sp.trainable * 8 // (n if fsdp else 1)
+    if fsdp:  # block 0 kept gathered, the block computed and the one prefetched; one block's full gradients
+        rows["FSDP unsharded blocks"] = 3 * prof.largest_student_block * 4 + sp.largest_block_trainable * 4
     math_attention = s.attention == "math"
-    rows["activations"] = b * acts.saved(s.gradient_checkpointing, math_attention)
+    saved = b * acts.saved(s.gradient_checkpointing, math_attention)
+    rows["activations"] = saved
     if s.mixed_precision != "no":
         copies = sp.largest_block_trainable_matmul if s.gradient_checkpointing else sp.trainable_matmul
         if s.frozen_dtype == "float32":
             per_block = sp.frozen_matmul // max(len(acts.blocks), 1)
             copies += per_block if s.gradient_checkpointing else sp.frozen_matmul
-        if s.parallel == "fsdp" and n > 1:
-            copies = 0  # FSDP's unsharded low-precision parameters are freed after each block's forward
         rows["autocast weight copies"] = copies * c
     work = BACKWARD_BUFFERS * acts.largest
     if math_attention:
@@ -644,6 +682,8 @@ def estimate(prof: ModelProfile, s: Settings, feature_mse: bool = False) -> dict
     rows["working memory"] = b * work
     if feature_mse:
         rows["teacher block outputs (feature_mse)"] = b * acts.block_outputs
+    if s.parallel == "ddp" and n > 1:  # allocated after backward, when the activations are gone
+        rows["gradient all-reduce buffer (beyond activations)"] = max(0, sp.trainable * 4 - saved - b * work)
     if s.gpu:
         rows["CUDA context + allocator reserve"] = GIB + sum(rows.values()) // 20
     return rows

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -80,7 +81,7 @@ def _train_probe(name: str, steps: int = 2) -> dict:
     from torch.utils.checkpoint import checkpoint
 
     from dit_graft.families import family_for
-    from dit_graft.memory import scope_of
+    from dit_graft.memory import scope_of, touched_modules
     from dit_graft.plan import apply, plan
 
     torch.manual_seed(0)
@@ -94,14 +95,14 @@ def _train_probe(name: str, steps: int = 2) -> dict:
     originals = list(base.named_parameters())
     student = apply(base, graft_plan, inplace=True)
     del base
-    teacher_ids = {id(p): n for n, p in originals}
-    kinds = scope_of(student, graft_plan, cfg.trainable, teacher_ids)
+    teacher_ids = {id(p): (n, tuple(p.shape)) for n, p in originals}
+    kinds = scope_of(student, touched_modules(teacher, student, graft_plan), cfg.trainable, teacher_ids)
     by_name = dict(teacher.named_parameters())
     for pname, kind in kinds.items():  # frozen and unedited: the teacher's own tensor, not a copy
         module_path, _, leaf = pname.rpartition(".")
         module = student.get_submodule(module_path)
         if kind == "shared":
-            module._parameters[leaf] = by_name[teacher_ids[id(module._parameters[leaf])]]
+            module._parameters[leaf] = by_name[pname]
         else:
             module._parameters[leaf].requires_grad_(kind == "trainable")
     del originals, teacher_ids
@@ -208,14 +209,43 @@ def test_scopes_order_and_sharing(tiny_dit_dir):
     assert not result.fits and result.suggestions
     assert all(total <= need - 1 for _, total in result.suggestions)
     assert plan_memory(prof, base, need, "exact", pool_size=8).fits
-    fsdp = estimate(
-        prof,
-        settings_from(recipe.model_copy(deep=True), processes=4).__class__(
-            **{**base.__dict__, "parallel": "fsdp", "processes": 4}
-        ),
-    )
+    fsdp = estimate(prof, replace(base, parallel="fsdp", processes=4))
     assert fsdp["optimizer state (AdamW)"] == rows["optimizer state (AdamW)"] // 4
+    assert fsdp["teacher weights"] == rows["teacher weights"]  # a full teacher copy on every device
+    ddp = estimate(prof, replace(base, processes=4, batch_size=4))  # one sample per device
+    assert ddp["activations"] == rows["activations"] // 4 and "gradient all-reduce buffer (beyond activations)" in ddp
     assert torch.device("meta") == next(teacher.parameters()).device  # nothing was materialised
+
+
+@pytest.mark.parametrize("scope", ["new", "grafted", "all", "lora"])
+def test_scopes_match_the_trainer(tiny_dit_dir, scope):
+    """The plan counts the parameters the trainer trains and shares (dit_graft.training.scope)."""
+    from dit_graft.loading import load_model
+    from dit_graft.memory import profile
+    from dit_graft.plan import apply, plan
+    from dit_graft.recipe import validate
+    from dit_graft.training.scope import select, share_frozen
+    from dit_graft.training.stages import targets
+
+    recipe = validate(
+        {
+            "model": {"source": str(tiny_dit_dir)},
+            "graft": [
+                {"site": "attention", "layers": "0", "op": "linear", "options": {"dwconv": 3}},
+                {"site": "mlp", "layers": "1", "op": "mlp_ratio", "options": {"ratio": 2.0}},
+            ],
+            "distill": {"trainable": scope, "lora": {"rank": 4}},
+        }
+    )
+    teacher = load_model(tiny_dit_dir).requires_grad_(False)
+    graft_plan = plan(teacher, recipe)
+    student = apply(teacher, graft_plan)
+    chosen = select(teacher, student, targets(teacher, student, graft_plan), recipe.distill)
+    shared = share_frozen(teacher, student)
+    prof = profile(load_model(tiny_dit_dir, meta=True), graft_plan, recipe)
+    assert prof.scopes[scope].trainable == chosen.count
+    if scope != "lora":  # the plan shares LoRA's frozen base weights (the spec); the trainer's peft-renamed
+        assert prof.scopes[scope].shared == shared  # `base_layer` weights are not shared yet (share_frozen is by name)
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:
