@@ -447,7 +447,10 @@ def test_experts_of_a_family_without_them_are_refused(tmp_path, write_recipe, ca
     [
         {"op": "parallel_blocks", "options": {"pairs": "all"}},
         {"op": "prune_depth", "options": {"method": "contiguous", "keep": 2, "calibration_samples": 2}},
-        {"op": "prune_depth", "options": {"method": "learnable", "group_size": 2, "keep_per_group": 1}},
+        {
+            "op": "prune_depth",
+            "options": {"method": "learnable", "group_size": 2, "keep_per_group": 1, "search_steps": 5},
+        },
     ],
     ids=["parallel", "contiguous", "learnable"],
 )
