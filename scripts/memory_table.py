@@ -5,9 +5,9 @@
 
 For each recipe: its shipped settings on one GPU of each size; on 8 GPUs, the shipped settings with the
 global batch split over them (rounded up to a multiple of 8: FLUX's batch of 1 becomes 8, one per
-GPU), the same without activation checkpointing, and what 8 GPUs make possible —
-`parallel: fsdp` training the whole student (`trainable: all`). Where a setting does not fit, the cheapest changes that
-make it fit are listed (`dit_graft.memory.search`).
+GPU), the same without activation checkpointing and with `parallel: fsdp`, and what 8 GPUs make
+possible — `parallel: fsdp` training the whole student (`trainable: all`). Where a setting does not
+fit, the cheapest changes that make it fit are listed (`dit_graft.memory.search`).
 
 `--calibrate` trains the small DiTs of tests/test_memory.py for two AdamW steps each, in a fresh process
 per configuration, and puts the plan's estimate beside the measured peak RSS (minus the process's RSS
@@ -61,6 +61,8 @@ def rows_for(name: str) -> list[list[str]]:
         if n > 1:
             if shipped.gradient_checkpointing:
                 variants.append(("no checkpointing", replace(variants[0][1], gradient_checkpointing=False)))
+            if shipped.trainable != "all":
+                variants.append(("fsdp", replace(variants[0][1], parallel="fsdp")))
             variants.append(("fsdp, whole student", replace(variants[0][1], parallel="fsdp", trainable="all")))
         for label, s in variants:
             result = plan_memory(prof, s, size, setup, recipe.distill.pool_size, feature_mse=feature_mse)
