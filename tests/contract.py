@@ -82,6 +82,8 @@ def run_contract(family_name: str, op_name: str, out: Path) -> list[Outcome]:
     exported = False
     for group in groups_with(family_name, op.site):
         for case in op.cases:
+            if not case.applies(family_name, group):
+                continue
             outcome = Outcome(family_name, group, op_name, case.options, exact=case.exact)
             outcomes.append(outcome)
             try:

@@ -43,11 +43,16 @@ class Case:
     """A contract-test case an operator declares: options to run it with, and whether they equal the teacher.
 
     `exact`: at these options the operator computes the teacher's attention (full coverage: a window over the
-    whole grid, every block kept), so the contract suite checks the student against the teacher.
+    whole grid, every block kept), so the contract suite checks the student against the teacher. `only` names
+    the families ("flux") or family block groups ("flux/single") a case is for (empty: everywhere).
     """
 
     options: dict[str, Any] = field(default_factory=dict)
     exact: bool = False
+    only: tuple[str, ...] = ()
+
+    def applies(self, family: str, group: str) -> bool:
+        return not self.only or family in self.only or f"{family}/{group}" in self.only
 
 
 class UnsupportedOperator(ValueError):
