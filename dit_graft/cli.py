@@ -679,8 +679,9 @@ def _load_eval_model(source: str, device: str):
 
 @app.command()
 def operators() -> None:
-    """List every operator with its site, a one-line description, its options and its attention FLOPs."""
+    """List every operator with its site, a one-line description, its options, what it needs and its FLOPs."""
     from dit_graft.operators import OPERATORS, Site, TokenGrid
+    from dit_graft.operators.base import describe_needs
 
     # DiT-XL/2 at 1024 px: 4096 tokens on a 64x64 grid, C = 1152, 16 heads
     site = Site("attn", "attention", 0, 1152, 16, TokenGrid((64, 64)))
@@ -690,14 +691,14 @@ def operators() -> None:
         caption="† attention-core FLOP formula, default options, ÷ softmax's; DiT-XL/2 at 1024 px "
         "(4096 tokens on a 64×64 grid, C = 1152, 16 heads); projections excluded",
     )
-    for col in ("name", "site", "description", "options", "FLOPs ÷ softmax†"):
+    for col in ("name", "site", "description", "options", "works on", "FLOPs ÷ softmax†"):
         table.add_column(col)
     for name, op in OPERATORS.items():
         opts = ", ".join(f"{k}={f.default!r}" for k, f in op.options.model_fields.items())
         ratio = "-"
         if op.flops is not None:
             ratio = f"{op.flops(site, 4096, op.parse_options({})) / dense:.3g}"
-        table.add_row(name, op.site, op.summary, opts, ratio)
+        table.add_row(name, op.site, op.summary, opts, describe_needs(op), ratio)
     out_console.print(table)
 
 

@@ -395,3 +395,17 @@ def prefix_block_sparse(q, k, v, layout: TokenLayout, image_blocks: torch.Tensor
             kept = image_blocks[:, sl].repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :n, :n]
             parts.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], layout.pair_mask(kept)))
     return torch.cat(parts, dim=1)
+
+
+def describe_needs(op: Operator) -> str:
+    """What an operator needs from a site, in a few words (`dit-graft operators`)."""
+    needs = op.needs
+    parts = []
+    if needs.grid_dims:
+        parts.append(" or ".join(f"{d}-D" for d in needs.grid_dims) + " grid")
+    if op.site == "attention":
+        names = {"none": "self", "prefix": "joint text prefix", "cross": "cross"}
+        parts.append(", ".join(names[t] for t in needs.text))
+        if not needs.keys:
+            parts.append("no keys")
+    return "; ".join(parts) or "-"
