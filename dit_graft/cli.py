@@ -228,6 +228,8 @@ def convert(
         return
     if pixels:
         raise InputError("--resolution: only with --dry-run (the distillation size is distill.resolution)")
+    if device_memory is not None or processes is not None:
+        raise InputError("--device-memory/--processes: only with --dry-run (the memory plan; `dit-graft plan` too)")
     if recipe.distill.conditions is not None:
         conditions = Path(recipe.distill.conditions).expanduser()
         if not conditions.is_absolute() and (recipe_dir(recipe_path) / conditions).is_file():

@@ -281,6 +281,14 @@ def test_malformed_device_memory_is_one_line_exit_2(tmp_path, tiny_dit_dir, writ
     assert err.strip().count("\n") == 0 and "--device-memory" in err and "Traceback" not in err
 
 
+def test_device_memory_without_dry_run_is_refused(tmp_path, tiny_dit_dir, write_recipe, capsys):
+    from tests.conftest import tiny_recipe
+
+    recipe = str(write_recipe(tiny_recipe(tiny_dit_dir, tmp_path / "out")))
+    code, _, err = _cli(["convert", recipe, "--device-memory", "80GB"], capsys)
+    assert code == 2 and "only with --dry-run" in err and not (tmp_path / "out").exists()
+
+
 def test_plan_writes_memory_json(tmp_path, tiny_dit_dir, write_recipe, capsys):
     from tests.conftest import tiny_recipe
 
