@@ -82,13 +82,14 @@ def work_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.work")
 
 
-def choose_layers(teacher: nn.Module, recipe: Recipe, work_dir: Path, progress: Progress | None = None):
+def choose_layers(teacher: nn.Module, recipe: Recipe, work_dir: Path, progress: Progress | None = None, pool=None):
     """Resolves `layers: {auto: ...}` on the teacher; returns the explicit recipe and the selections."""
     from dit_graft.autoselect import has_auto, resolve
 
     if not has_auto(recipe):
         return recipe, []
-    pool = training_pool(teacher, recipe.distill, work_dir, _report(progress, "teacher samples"))
+    if pool is None:
+        pool = training_pool(teacher, recipe.distill, work_dir, _report(progress, "teacher samples"))
     return resolve(teacher, recipe, pool, _report(progress, "choose layers"))
 
 
@@ -140,13 +141,17 @@ def convert(
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
     cost: Callable[[nn.Module], dict[str, Any]] | None = None,
+    pool: dict[str, torch.Tensor] | None = None,
+    after_apply: Callable[[nn.Module, GraftPlan], None] | None = None,
 ) -> Conversion:
     """Converts the recipe's teacher (or `teacher`) into a student, distils it and exports it to `out`.
 
     Without `out` nothing is exported (the student is returned); `work_dir` defaults to `out`'s hidden
     `.NAME.work` sibling, removed after the export. `progress(description)` returns a report callback;
     `log` receives one-line notes; `cost(model)` (parameters and FLOPs per image, the CLI's) adds the
-    teacher's and student's FLOPs to the metrics. Everything the run writes is written by the main process.
+    teacher's and student's FLOPs to the metrics. Sweeps may pass the training `pool` they share between
+    conversions, and `after_apply(student, plan)` to change the student before it trains (e.g. re-initialise
+    it). Everything the run writes is written by the main process.
     """
     if recipe.model.experts is not None and teacher is None:
         return convert_experts(recipe, out, base_dir=base_dir, resume=resume, progress=progress, log=log, cost=cost)
@@ -174,9 +179,11 @@ def convert(
         work_dir = work_dir_for(out)
     _start_fresh(work_dir, resume, say)
 
-    recipe, selections = choose_layers(teacher, recipe, work_dir, progress)
+    recipe, selections = choose_layers(teacher, recipe, work_dir, progress, pool)
     graft_plan = _plan(teacher, recipe)
     student = apply(teacher, graft_plan)
+    if after_apply is not None:
+        after_apply(student, graft_plan)
     before, after = (cost(teacher), cost(student)) if cost is not None else ({}, {})
     ratio = ""
     if before:
@@ -200,7 +207,8 @@ def convert(
     student.to(dev)
     family = family_for(teacher)
     metrics: dict[str, Any] = {}
-    pool = training_pool(teacher, cfg, work_dir, _report(progress, "teacher samples"))
+    if pool is None:
+        pool = training_pool(teacher, cfg, work_dir, _report(progress, "teacher samples"))
     params = dict(student.named_parameters())
     trained = [params[n] for n in scope.names]
 
@@ -227,7 +235,13 @@ def convert(
             sharded = True
         stage2 = EndToEndStage(teacher, model, cfg, graft_plan)
         trainer = Trainer(teacher, model, trained, cfg, work_dir, _report(progress, "distill"), sharded=sharded)
+        t_train = time.perf_counter()
         result = trainer.run(stage2, pool, resume=resume)
+        trained_steps = result.steps - (result.resumed_from or 0)
+        if trained_steps:
+            seconds = time.perf_counter() - t_train
+            metrics["samples_per_second"] = round(trained_steps * cfg.batch_size * cfg.grad_accum / seconds, 2)
+    metrics["peak_memory_mb"] = _peak_memory_mb(dev)
 
     final = _exportable(teacher, student, graft_plan, scope, cfg, sharded)
     metrics = {
@@ -285,6 +299,20 @@ def convert_experts(recipe: Recipe, out: Path | None, *, base_dir: Path | None =
         (out / "experts.json").write_text(json.dumps(index, indent=2) + "\n")
     done.metrics = {**done.metrics, "experts": metrics}
     return done
+
+
+def _peak_memory_mb(dev: torch.device) -> float:
+    """The largest peak over the ranks: CUDA's max_memory_allocated, else the process's peak resident memory."""
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    value = torch.tensor([peak], dtype=torch.float64)
+    if dist.current().distributed:
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return round(float(value), 1)
 
 
 def _plan(teacher: nn.Module, recipe: Recipe) -> GraftPlan:

@@ -1,20 +1,29 @@
 """Benchmarks the conversion: one distillation step split into its parts, and student/teacher latency.
 
-    python scripts/bench_convert.py                # writes the "convert" section of docs/benchmarks.md
+    python scripts/bench_convert.py                # writes the "convert" and "scale-out" sections of docs/benchmarks.md
+    python scripts/bench_convert.py --only scale   # only the scale-out table
 
 1. One distillation step of the default recipe on the bundled digits teacher (batch 32): teacher
    forward, student forward + backward, optimizer step — medians over repeats.
 2. Forward latency of a linear-attention student vs its softmax teacher at 256, 1024 and 4096 tokens
    (DiT-S width: 384 channels, 6 heads x 64, 4 blocks, patch 2, random weights, batch 1), measured side
    by side in the same run, plus each forward's peak memory beyond the loaded model.
+3. Scale-out: `dit-graft convert` of the digits recipe (end-to-end stage, global batch 32) in 1 and 2
+   processes (torchrun; gloo on CPUs) and with each trainable scope: training samples per second and the
+   peak memory of the largest process (CUDA: max_memory_allocated; CPU: peak resident memory, which
+   includes Python and torch themselves), as each run records them in graft.json. On a machine with
+   fewer cores than 2 × OMP_NUM_THREADS, two processes share the cores and are not faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +33,7 @@ from _docs import write_section
 from diffusers import DiTTransformer2DModel
 
 from dit_graft.diffusion import Schedule
-from dit_graft.families.dit import freeze_label_dropout
+from dit_graft.families import family_for
 from dit_graft.loading import load_model, resolve_source
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import load_recipe
@@ -54,7 +63,7 @@ def bench_step(device: torch.device, repeats: int) -> list[tuple[str, float]]:
     recipe = load_recipe(ROOT / "recipes" / "digits-lit.yaml")
     teacher = load_model(resolve_source(recipe.model.source)).to(device)
     student = apply(teacher, plan(teacher, recipe))
-    freeze_label_dropout(student.train())
+    family_for(student).prepare_for_training(student.train())
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     b = recipe.distill.batch_size
     x = torch.randn(b, 1, 16, 16, device=device)
@@ -148,6 +157,13 @@ def bench_latency(device: torch.device, repeats: int, tokens: list[int]) -> list
     return rows
 
 
+SCALE_ROWS = (
+    [(1, "ddp", scope) for scope in ("all", "grafted", "new", "lora")]
+    + [(2, "ddp", scope) for scope in ("all", "grafted", "new", "lora")]
+    + [(2, "fsdp", "all")]
+)
+
+
 def bench_compiled(device: torch.device, repeats: int, tokens: list[int]) -> list[tuple]:
     """Forward ms of teacher and student, eager and torch.compile(fullgraph=True), side by side in one run.
 
@@ -188,11 +204,62 @@ def compiled_lines(rows: list[tuple]) -> list[str]:
     return lines
 
 
+def convert_run(procs: int, parallel: str, scope: str, steps: int, threads: int) -> dict:
+    """One conversion of the digits recipe in `procs` processes; its graft.json metrics."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "student"
+        sets = [
+            f"distill.steps={steps}",
+            "distill.batch_size=32",
+            "distill.pool_size=64",
+            "distill.pool_steps=5",
+            f"distill.checkpoint_every={steps}",
+            f"distill.parallel={parallel}",
+            f"distill.trainable={scope}",
+        ]
+        launcher = [sys.executable, "-m", "dit_graft.cli"]
+        if procs > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+            launcher += ["-m", "dit_graft.cli"]
+        cmd = [*launcher, "convert", str(ROOT / "recipes" / "digits-lit.yaml"), "--out", str(out)]
+        cmd += [a for x in sets for a in ("--set", x)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=tmp)
+        return json.loads((out / "graft.json").read_text())["metrics"]
+
+
+def bench_scale(steps: int, threads: int) -> list[tuple]:
+    rows = []
+    for procs, parallel, scope in SCALE_ROWS:
+        m = convert_run(procs, parallel, scope, steps, threads)
+        rows.append((procs, parallel, scope, m["params_trained"], m["samples_per_second"], m["peak_memory_mb"]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def scale_section(rows: list[tuple], steps: int, threads: int, device: torch.device) -> str:
+    lines = [
+        "## Scale-out and trainable scopes (scripts/bench_convert.py)\n",
+        f"Machine: {machine(device)}. Command: `python scripts/bench_convert.py --only scale --steps {steps} "
+        f"--threads {threads}`: `dit-graft convert recipes/digits-lit.yaml` (end-to-end stage, {steps} steps, "
+        "global batch 32), one process or `torchrun --nproc-per-node 2` (gloo), OMP_NUM_THREADS="
+        f"{threads} per process. Samples/s counts training steps only; peak memory is the largest process's "
+        "(CPU: peak resident memory, Python and torch included).\n",
+        "| processes | parallel | trainable | trained params | samples/s | peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {p} | {par} | {sc} | {n:,} | {sps:.1f} | {mb:.0f} |" for p, par, sc, n, sps, mb in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--only", choices=["convert", "scale"], help="run one section only")
+    p.add_argument("--steps", type=int, default=20, help="training steps per scale-out run")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per process in the scale-out runs")
     p.add_argument("--compile", action="store_true", help="also time both models under torch.compile (slow on CPU)")
     p.add_argument("--peak-child", nargs=2, metavar=("MODEL", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -200,6 +267,12 @@ def main() -> None:
         _peak_child(args.peak_child[0], int(args.peak_child[1]))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.only != "convert":
+        body = scale_section(bench_scale(args.steps, args.threads), args.steps, args.threads, device)
+        print(body)
+        write_section(args.out, "scale-out", body)
+    if args.only == "scale":
+        return
     step = bench_step(device, args.repeats)
     lat = bench_latency(device, args.repeats, args.tokens)
     lines = [

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from _docs import write_section
 
-from dit_graft.distill import distill
 from dit_graft.evaluate import quality, sample
 from dit_graft.loading import load_model, resolve_source
 from dit_graft.metrics import mse, psnr
-from dit_graft.plan import apply, plan
+from dit_graft.pipeline import convert
 from dit_graft.recipe import validate
+from dit_graft.training.data import training_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,6 +75,12 @@ def main() -> None:
     t_q = quality(t_samples.images, t_samples.labels)
     rows = [("teacher (softmax)", t_q["fd"], t_q["fd_floor"], t_q["accuracy"], float("inf"), 1.0, 0.0)]
     available = [op for op in args.ops if op in OPERATORS]
+    # every student draws from this one teacher-sample pool (the recipes differ only in their graft)
+    pool = training_pool(
+        teacher,
+        validate({"model": {"source": "x"}, "graft": [{"site": "attention", "op": "linear"}]}).distill,
+        args.work / "pool",
+    )
     for name, layers, edit, inherit in configs(available):
         base = {
             "model": {"source": "bundled:digits-dit"},
@@ -86,12 +92,13 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - an operator this build lacks is reported, not fatal
             print(f"skip {name}: {e}")
             continue
-        graft_plan = plan(teacher, recipe)
-        student = apply(teacher, graft_plan)
-        if not inherit:
-            reinit_attention(student, [m.path for m in graft_plan.edits[0].modules])
+
+        def reinit(student, graft_plan, inherit=inherit):
+            if not inherit:
+                reinit_attention(student, [m.path for m in graft_plan.edits[0].modules])
+
         t0 = time.perf_counter()
-        distill(teacher, student, recipe.distill, args.work)
+        student = convert(recipe, None, teacher=teacher, work_dir=args.work, pool=pool, after_apply=reinit).student
         train_s = time.perf_counter() - t0
         s = sample(student, args.samples, args.sample_steps, args.cfg)
         q = quality(s.images, s.labels)

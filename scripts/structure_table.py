@@ -21,15 +21,13 @@ from pathlib import Path
 import torch
 from _docs import write_section
 
-from dit_graft.autoselect import resolve
-from dit_graft.distill import distill, training_pool
 from dit_graft.evaluate import quality, sample
 from dit_graft.families import family_for
 from dit_graft.loading import load_model, resolve_source
 from dit_graft.metrics import psnr
-from dit_graft.plan import apply, plan
+from dit_graft.pipeline import convert
 from dit_graft.recipe import validate
-from dit_graft.stage1 import activation_distill, targets
+from dit_graft.training.data import training_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,13 +93,10 @@ def main() -> None:
             }
         )
         t0 = time.perf_counter()
-        recipe, selections = resolve(teacher, recipe, pool)
-        if selections:
-            chosen_note = f"The sensitivity ranking chose attention layers {selections[0].chosen}."
-        graft_plan = plan(teacher, recipe)
-        student = apply(teacher, graft_plan)
-        activation_distill(teacher, student, targets(teacher, student, graft_plan), recipe.distill, pool)
-        distill(teacher, student, recipe.distill, args.work, graft_plan=graft_plan)
+        done = convert(recipe, None, teacher=teacher, work_dir=args.work / "run", pool=pool)
+        student = done.student
+        if done.selections:
+            chosen_note = f"The sensitivity ranking chose attention layers {done.selections[0].chosen}."
         convert_s = time.perf_counter() - t0
         s = sample(student, args.samples, args.sample_steps, args.cfg)
         q = quality(s.images, s.labels)
