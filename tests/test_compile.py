@@ -91,8 +91,11 @@ def assert_module_compiles(family_name: str, op_name: str, options: dict, backen
     return 0
 
 
-def assert_student_compiles(family_name: str, graft: list[dict], backend: str = BACKEND) -> None:
-    """The whole student compiles in place with fullgraph and gives its eager output (relative error ≤ 1e-5)."""
+def assert_student_compiles(family_name: str, graft: list[dict], backend: str = BACKEND, regional=False) -> None:
+    """The student compiles in place with fullgraph (whole, or block by block as `eval --compile` does) and gives
+    its eager output (relative error ≤ 1e-5)."""
+    from dit_graft.evaluate import compile_models
+
     family = FAMILIES.get(family_name)
     student = _student(family_name, graft)
     inputs = family.tiny_inputs(student)
@@ -100,7 +103,10 @@ def assert_student_compiles(family_name: str, graft: list[dict], backend: str = 
         eager = family.forward(student, inputs["x"], inputs["t"], inputs["cond"])
         compiled_student = copy.deepcopy(student)
         torch._dynamo.reset()
-        compiled_student.compile(fullgraph=True, backend=backend)
+        if regional:
+            compile_models(backend, compiled_student)
+        else:
+            compiled_student.compile(fullgraph=True, backend=backend)
         compiled = family.forward(compiled_student, inputs["x"], inputs["t"], inputs["cond"])
     assert _rel(compiled, eager) <= 1e-5, (family_name, graft)
 
@@ -128,6 +134,14 @@ def test_moe_student_compiles():
     assert_student_compiles("dit", graft)
 
 
+def test_flux_moe_and_parallel_student_compiles_block_by_block():
+    graft = [
+        {"site": "mlp", "group": "double", "op": "moe", "options": {"experts": 2, "top_k": 1}},
+        {"site": "depth", "group": "single", "op": "parallel_blocks", "options": {}},
+    ]
+    assert_student_compiles("flux", graft, regional=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family_name", FAMILY_NAMES)
 @pytest.mark.parametrize("op_name", MODULE_OPERATORS)
@@ -153,7 +167,7 @@ def test_students_compile_with_inductor(family_name):
         graft.append(
             {"site": "depth", "group": family.depth_groups[0].name, "op": "prune_depth", "options": {"keep": 1}}
         )
-    assert_student_compiles(family_name, graft, backend="inductor")
+    assert_student_compiles(family_name, graft, backend="inductor", regional=True)
 
 
 def test_eval_compiles_student_and_teacher_side_by_side():
