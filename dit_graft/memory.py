@@ -642,6 +642,13 @@ def settings_from(recipe, processes: int = 1, attention: str = "flash", gpu: boo
     )
 
 
+def compute_bytes(s: Settings) -> int:
+    """Bytes per activation element: the autocast dtype — mixed precision's, else a non-float32 frozen dtype's."""
+    if s.mixed_precision != "no":
+        return DTYPE_BYTES[str(COMPUTE_DTYPE[s.mixed_precision]).removeprefix("torch.")]
+    return DTYPE_BYTES[s.frozen_dtype]
+
+
 def estimate(prof: ModelProfile, s: Settings, feature_mse: bool = False) -> dict[str, int]:
     """Bytes per device, by part, for settings `s` (see the module docstring).
 
@@ -652,7 +659,8 @@ def estimate(prof: ModelProfile, s: Settings, feature_mse: bool = False) -> dict
     mixed-precision policy (autocast casts as under ddp).
     """
     f = DTYPE_BYTES[s.frozen_dtype]
-    c = DTYPE_BYTES[str(COMPUTE_DTYPE[s.mixed_precision]).removeprefix("torch.")]
+    c = compute_bytes(s)
+    scale = c / DTYPE_BYTES[prof.compute_dtype]  # activations were measured in the profile's compute dtype
     sp = prof.scopes[s.trainable]
     n = s.processes
     fsdp = s.parallel == "fsdp" and n > 1
@@ -668,9 +676,9 @@ def estimate(prof: ModelProfile, s: Settings, feature_mse: bool = False) -> dict
     if fsdp:  # block 0 kept gathered, the block computed and the one prefetched; one block's full gradients
         rows["FSDP unsharded blocks"] = 3 * prof.largest_student_block * 4 + sp.largest_block_trainable * 4
     math_attention = s.attention == "math"
-    saved = b * acts.saved(s.gradient_checkpointing, math_attention)
+    saved = int(b * acts.saved(s.gradient_checkpointing, math_attention) * scale)
     rows["activations"] = saved
-    if s.mixed_precision != "no":
+    if c < 4:  # autocast: mixed precision, or the frozen dtype without it
         copies = sp.largest_block_trainable_matmul if s.gradient_checkpointing else sp.trainable_matmul
         if s.frozen_dtype == "float32":
             per_block = sp.frozen_matmul // max(len(acts.blocks), 1)
@@ -679,9 +687,9 @@ def estimate(prof: ModelProfile, s: Settings, feature_mse: bool = False) -> dict
     work = BACKWARD_BUFFERS * acts.largest
     if math_attention:
         work = max(work, 2 * acts.largest_probs)
-    rows["working memory"] = b * work
+    rows["working memory"] = int(b * work * scale)
     if feature_mse:
-        rows["teacher block outputs (feature_mse)"] = b * acts.block_outputs
+        rows["teacher block outputs (feature_mse)"] = int(b * acts.block_outputs * scale)
     if s.parallel == "ddp" and n > 1:  # allocated after backward, when the activations are gone
         rows["gradient all-reduce buffer (beyond activations)"] = max(0, sp.trainable * 4 - saved - b * work)
     if s.gpu:

@@ -212,6 +212,8 @@ def test_scopes_order_and_sharing(tiny_dit_dir):
     fsdp = estimate(prof, replace(base, parallel="fsdp", processes=4))
     assert fsdp["optimizer state (AdamW)"] == rows["optimizer state (AdamW)"] // 4
     assert fsdp["teacher weights"] == rows["teacher weights"]  # a full teacher copy on every device
+    bf16 = estimate(prof, replace(base, frozen_dtype="bfloat16"))  # no mixed precision: autocast in bf16
+    assert bf16["activations"] == rows["activations"] // 2 and bf16["teacher weights"] == rows["teacher weights"] // 2
     ddp = estimate(prof, replace(base, processes=4, batch_size=4))  # one sample per device
     assert ddp["activations"] == rows["activations"] // 4 and "gradient all-reduce buffer (beyond activations)" in ddp
     assert torch.device("meta") == next(teacher.parameters()).device  # nothing was materialised
