@@ -5,7 +5,7 @@ dtypes, activation checkpointing, process count and strategy (ddp | fsdp):
 
 - teacher weights: every teacher parameter in `frozen_dtype`, a full copy on every device;
 - student weights: trainable parameters in float32, frozen parameters the graft edited or added in
-  `frozen_dtype`; frozen parameters the graft left as they were (same name, same tensor) are the
+  `frozen_dtype`; frozen parameters the graft left as they were (same name, same values) are the
   teacher's own tensors (shared, no extra bytes; counted for information). fsdp gives the student its
   own copy of every tensor and shards it over the processes;
 - gradients (float32) and AdamW's two float32 states, for trainable parameters only (fsdp: sharded);
@@ -22,9 +22,10 @@ dtypes, activation checkpointing, process count and strategy (ddp | fsdp):
   keeps) plus one block's own activations while that block is recomputed. Attention goes through a shim of
   `F.scaled_dot_product_attention` that saves what a fused kernel saves (q, k, v, the output and the
   float32 log-sum-exp: flash attention on GPUs, the grid operators' Triton kernels, PyTorch's CPU flash
-  path); the math path, which materialises the B·H·N·M probabilities, adds them (`attention: math`);
-- mixed precision: autocast's low-precision copies of float32 weights that backward needs (trainable ones
-  and float32 frozen ones), held from forward to backward (one block's worth with checkpointing; fsdp
+  path); the math path, which materialises the B·H·N·M probabilities, adds them (`Settings.attention = "math"`);
+- activations are in the autocast dtype (mixed precision's, else a non-float32 frozen dtype's); under
+  autocast, its low-precision copies of float32 weights that backward needs (trainable ones and float32
+  frozen ones) are held from forward to backward (one block's worth with checkpointing; fsdp
   runs without a mixed-precision policy, so the same);
 - working memory: the transient peak beyond the saved tensors — a few activation-sized gradient buffers
   during backward, or the probabilities and their gradient on the math path (also what the teacher's
@@ -80,7 +81,7 @@ _UNITS = {
 
 
 def parse_size(text: str, where: str = "--device-memory") -> int:
-    """'80GB', '141 GB', '79.6GiB', '85e9'-free sizes → bytes (GB = 10⁹, GiB = 2³⁰; a bare number is GB)."""
+    """'80GB', '141 GB', '79.6GiB' → bytes (GB = 10⁹, GiB = 2³⁰; a bare number is GB; else an InputError)."""
     m = _SIZE.match(str(text))
     if not m or float(m.group(1)) <= 0:
         raise InputError(f"{where} {text}: expected a positive size such as 80GB, 141GB or 79.6GiB")
