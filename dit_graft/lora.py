@@ -355,6 +355,8 @@ def remap_lora(remap: Remap, graft: dict[str, Any], shapes: dict[str, list[int]]
                 pieces.append(piece)
         if not pieces and path not in remap.dropped:
             remap.dropped[path] = "no counterpart in the student"
+        elif pieces and lora.bias is not None and not any(p.keeps_bias for p in pieces):
+            remap.dropped[f"{path}.lora_B.bias"] = "the student's modules there have no bias (moe: b₂ is the MoE's own)"
     return remap
 
 

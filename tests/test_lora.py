@@ -160,6 +160,16 @@ def test_full_carry_over_reports_everything(tmp_path):
     assert report["update_norm_share"] == pytest.approx(1.0)
     keys, _ = read_lora_file(tmp_path / "lora" / LORA_NAME)
     assert "transformer.transformer_blocks.0.ff.experts.1.fc2.lora_A.weight" in keys
+    # a LoRA with output biases (peft's lora_bias): the experts' fc2 have none, which is reported
+    path = "transformer.transformer_blocks.0.ff.net.2"
+    state[f"{path}.lora_B.bias"] = torch.ones(teacher.transformer_blocks[0].ff.net[2].out_features)
+    save_file(state, str(tmp_path / "b.safetensors"))
+    report = _remap(tmp_path / "b.safetensors", export_dir, tmp_path / "lora_b")
+    assert list(report["dropped"]) == ["transformer_blocks.0.ff.net.2.lora_B.bias"]
+    assert (
+        report["params_carried_exactly"]
+        == report["params_teacher_lora"] - teacher.transformer_blocks[0].ff.net[2].out_features
+    )
 
 
 def test_pixart_lora_remapped_equals_merged_student(tmp_path):
