@@ -16,17 +16,15 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from diffusers import DiTTransformer2DModel  # noqa: E402
 
-TINY_DIT = dict(
-    num_attention_heads=2,
-    attention_head_dim=8,
-    in_channels=1,
-    out_channels=2,
-    num_layers=2,
-    sample_size=8,
-    patch_size=2,
-    num_embeds_ada_norm=4,
-    norm_type="ada_norm_zero",
-)
+
+def _tiny_config(family: str) -> dict:
+    """A family's tiny config (`Family.tiny_config`, the one place they live), as constructor kwargs."""
+    from dit_graft.families import FAMILIES
+
+    return {k: v for k, v in FAMILIES.get(family).tiny_config().items() if not k.startswith("_")}
+
+
+TINY_DIT = _tiny_config("dit")
 
 
 def tiny_dit(seed: int = 0, **overrides) -> DiTTransformer2DModel:

@@ -20,35 +20,11 @@ from dit_graft.loading import build_from_config, bundled_models, load_model, rea
 from dit_graft.model import TokenLayout
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import bundled_recipes, validate
-from tests.conftest import op_of
+from tests.conftest import _tiny_config, op_of
 from tests.test_cli import run_cli
 
-TINY_PIXART = dict(
-    num_attention_heads=2,
-    attention_head_dim=8,
-    in_channels=4,
-    out_channels=8,
-    num_layers=2,
-    sample_size=8,
-    patch_size=2,
-    cross_attention_dim=16,
-    caption_channels=24,
-    norm_type="ada_norm_single",
-    num_embeds_ada_norm=1000,
-    use_additional_conditions=False,
-)
-TINY_FLUX = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=2,
-    attention_head_dim=8,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    pooled_projection_dim=12,
-    guidance_embeds=True,
-    axes_dims_rope=(2, 2, 4),
-)
+TINY_PIXART = _tiny_config("pixart")
+TINY_FLUX = _tiny_config("flux")
 
 
 def _nudge(model):
