@@ -48,3 +48,24 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_
         assert (a[k] == b[k]).all(), k
     assert (tmp_path / "ref" / "loss.csv").read_text() == (out / "loss.csv").read_text()
     assert not work.exists()
+
+
+def test_a_kill_in_stage_one_resumes_there_and_ends_with_the_uninterrupted_weights(tmp_path, tiny_dit_dir):
+    recipe = tmp_path / "r.yaml"
+    data = tiny_recipe(tiny_dit_dir, tmp_path / "unused", steps=2, checkpoint_every=2)
+    data["distill"].update(stages=["activation", "end_to_end"], activation={"steps": 4, "batch_size": 4})
+    recipe.write_text(yaml.safe_dump(data))
+    reference = _convert(recipe, tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "student"
+    killed = _convert(recipe, out, kill="step:3")  # stage 1 dies after its step 3 (its checkpoint 2 is kept)
+    assert killed.returncode == -9 and not out.exists()
+    ckpts = tmp_path / ".student.work" / "checkpoints"
+    assert sorted(p.name for p in (ckpts / "activation").iterdir()) == ["step-00000002"]
+    assert not (ckpts / "end_to_end").exists()
+    resumed = _convert(recipe, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "ref" / "diffusion_pytorch_model.safetensors")
+    b = load_file(out / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
