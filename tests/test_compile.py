@@ -187,3 +187,22 @@ def test_eval_compiles_student_and_teacher_side_by_side():
     assert report["compiled"] == BACKEND and eager["compiled"] is None
     assert report["latency_ratio"] is not None and any("torch.compile" in n for n in report["notes"])
     assert _rel(s.images, se.images) <= 1e-5 and _rel(t.images, te.images) <= 1e-5
+
+
+@pytest.mark.slow
+def test_cli_eval_compile_reports_compiled_student_and_teacher(tmp_path, capsys):
+    import json
+
+    from dit_graft.export import export
+    from tests.test_cli import run_cli
+
+    teacher = tiny_model("dit")
+    teacher.save_pretrained(tmp_path / "teacher")
+    recipe = validate({"model": {"source": "unused"}, "graft": [{"site": "mlp", "op": "moe"}]})
+    graft_plan = plan(teacher, recipe)
+    export(apply(teacher, graft_plan), graft_plan, recipe.model_dump(), tmp_path / "student")
+    args = ["eval", tmp_path / "student", "--teacher", tmp_path / "teacher", "--samples", 2, "--steps", 2]
+    code, out, err = run_cli([*args, "--batch", 2, "--compile", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["compiled"] == "inductor" and report["latency_ratio"] > 0
