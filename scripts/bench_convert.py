@@ -157,11 +157,8 @@ def bench_latency(device: torch.device, repeats: int, tokens: list[int]) -> list
     return rows
 
 
-SCALE_ROWS = (
-    [(1, "ddp", scope) for scope in ("all", "grafted", "new", "lora")]
-    + [(2, "ddp", scope) for scope in ("all", "grafted", "new", "lora")]
-    + [(2, "fsdp", "all")]
-)
+# 1 and 2 processes alternate, so that a change in the machine's load affects both alike
+SCALE_ROWS = [(n, "ddp", scope) for scope in ("all", "grafted", "new", "lora") for n in (1, 2)] + [(2, "fsdp", "all")]
 
 
 def bench_compiled(device: torch.device, repeats: int, tokens: list[int]) -> list[tuple]:
@@ -231,8 +228,11 @@ def convert_run(procs: int, parallel: str, scope: str, steps: int, threads: int)
 def bench_scale(steps: int, threads: int) -> list[tuple]:
     rows = []
     for procs, parallel, scope in SCALE_ROWS:
+        load = os.getloadavg()[0]
         m = convert_run(procs, parallel, scope, steps, threads)
-        rows.append((procs, parallel, scope, m["params_trained"], m["samples_per_second"], m["peak_memory_mb"]))
+        load = max(load, os.getloadavg()[0])
+        row = (procs, parallel, scope, m["params_trained"], m["samples_per_second"], m["peak_memory_mb"], load)
+        rows.append(row)
         print(rows[-1], flush=True)
     return rows
 
@@ -245,10 +245,16 @@ def scale_section(rows: list[tuple], steps: int, threads: int, device: torch.dev
         "global batch 32), one process or `torchrun --nproc-per-node 2` (gloo), OMP_NUM_THREADS="
         f"{threads} per process. Samples/s counts training steps only; peak memory is the largest process's "
         "(CPU: peak resident memory, Python and torch included).\n",
-        "| processes | parallel | trainable | trained params | samples/s | peak MB |",
-        "|---|---|---|---|---|---|",
+        "| processes | parallel | trainable | trained params | samples/s | peak MB | load average |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {p} | {par} | {sc} | {n:,} | {sps:.1f} | {mb:.0f} |" for p, par, sc, n, sps, mb in rows]
+    lines += [
+        f"| {p} | {par} | {sc} | {n:,} | {sps:.1f} | {mb:.0f} | {load:.1f} |" for p, par, sc, n, sps, mb, load in rows
+    ]
+    lines.append(
+        "\nLoad average: the machine's 1-minute load average around each run (other jobs sharing the cores "
+        "make a row slower; compare rows of similar load)."
+    )
     return "\n".join(lines)
 
 
