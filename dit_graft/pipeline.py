@@ -99,13 +99,6 @@ def _report(progress: Progress | None, description: str):
     return progress(description)
 
 
-def device() -> torch.device:
-    """This process's device: its GPU (LOCAL_RANK) when there are GPUs, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.current().local_rank)
-    return torch.device("cpu")
-
-
 @dataclass
 class Conversion:
     """What `convert` produced: the student (on the main process; merged, unsharded), its plan and metrics."""
@@ -202,7 +195,7 @@ def convert(
         f"trainable: {cfg.trainable} — {scope.count / 1e6:.3f}M of {param_count(student) / 1e6:.3f}M parameters "
         f"trained; {shared / 1e6:.3f}M shared with the teacher; {procs.world} process(es), {cfg.parallel}"
     )
-    dev = device()
+    dev = dist.device()
     teacher.to(dev).eval()
     student.to(dev)
     family = family_for(teacher)

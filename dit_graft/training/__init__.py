@@ -21,6 +21,7 @@ from torch import nn
 from dit_graft.families import family_for
 from dit_graft.plan import GraftPlan
 from dit_graft.recipe import DistillSection
+from dit_graft.training import dist
 from dit_graft.training.data import training_batch, training_pool
 from dit_graft.training.stages import ActivationStage, EndToEndStage, Target, relative_error, targets
 from dit_graft.training.trainer import Trainer, TrainResult, lr_lambda
@@ -64,9 +65,7 @@ def distill(
     parameters are left as they are (requires_grad included). For trainable scopes, shared weights and
     several processes, run `dit_graft.pipeline.convert`.
     """
-    from dit_graft.pipeline import device
-
-    dev = device()
+    dev = dist.device()
     teacher.to(dev).eval()
     student.to(dev)
     model = family_for(teacher).prepare_for_training(student.train())

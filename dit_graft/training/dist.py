@@ -60,6 +60,13 @@ def current() -> Procs:
     return Procs()
 
 
+def device() -> torch.device:
+    """This process's device: its GPU (LOCAL_RANK) when there are GPUs, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", current().local_rank)
+    return torch.device("cpu")
+
+
 def barrier() -> None:
     if current().distributed:
         dist.barrier()
