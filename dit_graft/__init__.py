@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from dit_graft import builtin  # noqa: E402, F401  (fills the operator and family registries)
+
 
 def from_pretrained(path, device="cpu"):
     """Loads a dit-graft export (or a plain diffusers model directory) as a diffusers model."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from dit_graft import __version__
 from dit_graft.errors import IntegrityError
+from dit_graft.integrity import record
 from dit_graft.loading import WEIGHTS_NAME, build_from_config, load_weights, model_dir, read_config, safetensors_files
 from dit_graft.plan import GraftPlan, apply
 
@@ -93,9 +94,7 @@ def export(
 
 def record_verification(directory: Path) -> None:
     """The seeded forward and every file's checksum that `dit-graft verify` checks (see dit_graft.verify)."""
-    from dit_graft.verify import record
-
-    record(directory)
+    record(directory, from_pretrained, GRAFT_JSON)
 
 
 def model_card(graft_plan: GraftPlan, recipe: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -96,6 +96,7 @@ def op_of(processor) -> str:
 def grafted(core, grid: tuple[int, ...] | None = None):
     """A core on a plain self-attention module: DiT's adapter around it, on a recorded `grid` (None: square)."""
     from dit_graft.families.dit import SelfAttentionAdapter
-    from dit_graft.model import GraftedAttnProcessor, TokenGrid
+    from dit_graft.model.attention import GraftedAttnProcessor
+    from dit_graft.model.site import TokenGrid
 
     return GraftedAttnProcessor(SelfAttentionAdapter(TokenGrid(grid)), core)

@@ -17,7 +17,7 @@ from dit_graft.errors import IntegrityError, RecipeError
 from dit_graft.export import export
 from dit_graft.families import count_flops, family_for
 from dit_graft.loading import build_from_config, bundled_models, load_model, read_config, resolve_source
-from dit_graft.model import TokenLayout
+from dit_graft.model.layout import TokenLayout
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import bundled_recipes, validate
 from tests.conftest import _tiny_config, op_of

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import dit_graft.families  # noqa: F401 - the families register their checkpoint layouts
-from dit_graft.model import AttentionCaps, AttentionNeeds, TokenLayout, detect_layout
+from dit_graft.model.attention import AttentionNeeds
+from dit_graft.model.checkpoints import detect_layout
+from dit_graft.model.layout import TokenLayout
+from dit_graft.model.site import AttentionCaps
 
 
 def test_a_layout_counts_its_tokens():

@@ -1,6 +1,9 @@
-"""Family adapters: each module registers itself in FAMILIES on import."""
+"""Family adapters, one module each (`dit_graft.families.<name>`), registered in FAMILIES when imported.
 
-from dit_graft.families import dit, dit_original, flux, pixart, wan  # noqa: F401
+`dit_graft.builtin` imports every bundled family module; this package's `__init__` re-exports only the registry
+API from `families.base`, which imports no family module, so no family import runs another.
+"""
+
 from dit_graft.families.base import (
     FAMILIES,
     Conditions,

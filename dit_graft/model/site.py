@@ -9,13 +9,10 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from dit_graft.model.attention import AttentionAdapter
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,8 @@ class Site:
     heads: int | None = None  # teacher's attention heads (attention sites)
     grid: TokenGrid = field(default_factory=TokenGrid, repr=False)
     group: str = "blocks"
-    adapter: AttentionAdapter | None = field(default=None, repr=False)
+    # a dit_graft.model.attention.AttentionAdapter (typed Any: attention.py imports this module)
+    adapter: Any = field(default=None, repr=False)
     grid_dims: int | None = 2  # the token grid's dimensions at this site (2: images, 3: video; None: no grid)
 
     @property
