@@ -2,7 +2,7 @@
 
 For an edit with automatic layers, every candidate layer of its site and group is grafted alone on
 the model as the earlier edits leave it (the "base"), the new module gets a short stage 1 against
-the base's module (`dit_graft.stage1`), and the relative error of the whole model's output to the
+the base's module (`training.run.activation_distill`), and the relative error of the whole model's output to the
 base's output is measured on a fixed seeded batch of noised teacher samples. The least sensitive
 `fraction` of the candidates is chosen. The result is an ordinary recipe with explicit layers, so a
 plan, graft.json and `from_pretrained` never see `auto`.
@@ -22,7 +22,7 @@ from torch import nn
 from dit_graft.families import family_for
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import AutoSpec, Recipe
-from dit_graft.training import Target, activation_distill, relative_error
+from dit_graft.training.run import Target, activation_distill, relative_error
 
 
 @dataclass
@@ -81,10 +81,10 @@ def resolve(
 ) -> tuple[Recipe, list[Selection]]:
     """The recipe with every auto edit's layers chosen on `teacher`; the per-candidate sensitivities.
 
-    `pool` is the training pool (`dit_graft.distill.training_pool`); the measurement batch is drawn from
+    `pool` is the training pool (`dit_graft.training.data.training_pool`); the measurement batch is drawn from
     it with a generator seeded by the recipe's seed, so the choice is reproducible.
     """
-    from dit_graft.training import training_batch
+    from dit_graft.training.run import training_batch
 
     recipe = recipe.model_copy(deep=True)
     family = family_for(teacher)

@@ -298,7 +298,7 @@ def test_a_flux_depth_edit_leaves_the_other_groups_paths_and_moves_its_own(tmp_p
 
 
 def test_a_pixart_depth_edit_moves_the_cross_attention_sites_of_its_blocks_too():
-    from dit_graft.stage1 import Target, targets
+    from dit_graft.training.run import Target, targets
 
     teacher = _teacher("pixart", silent=(1, 2))
     cross = {"site": "attention", "group": "cross", "layers": [3], "op": "linear", "options": {"dwconv": 0}}

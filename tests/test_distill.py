@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from dit_graft.distill import distill
 from dit_graft.losses import LOSSES, LossInputs
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
+from dit_graft.training.run import distill
 from tests.conftest import tiny_dit, tiny_recipe
 from tests.test_cli import run_cli
 

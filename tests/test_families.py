@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 import dit_graft
 from dit_graft.cli import _cost
-from dit_graft.distill import distill
 from dit_graft.errors import IntegrityError, RecipeError
 from dit_graft.export import export
 from dit_graft.families import count_flops, family_for
@@ -20,6 +19,7 @@ from dit_graft.loading import build_from_config, bundled_models, load_model, rea
 from dit_graft.model.layout import TokenLayout
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import bundled_recipes, validate
+from dit_graft.training.run import distill
 from tests.conftest import _tiny_config, op_of
 from tests.test_cli import run_cli
 

@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 import dit_graft
 from dit_graft.cli import _cost
-from dit_graft.distill import distill
 from dit_graft.errors import InputError, IntegrityError
 from dit_graft.export import export
 from dit_graft.families import family_for
@@ -20,6 +19,7 @@ from dit_graft.loading import ASSETS, load_model, read_config
 from dit_graft.operators import OPERATORS
 from dit_graft.operators import sparse as sparse_module
 from dit_graft.plan import apply, plan
+from dit_graft.training.run import distill
 from tests.conftest import op_of
 from tests.test_cli import run_cli
 from tests.test_families import _joint_inputs, _recipe, tiny_flux

@@ -49,8 +49,10 @@ def _imports(tree: ast.AST):
 def _targets(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
     """The dit_graft modules an import statement executes: the named module, its packages, imported submodules.
 
-    A module's own ancestor packages are left out: Python has imported them before the module runs, so an import
-    of them never runs their code again (it is not an edge that can close a cycle).
+    A module's own ancestor packages count too (an edge to `a.b` from `a.b.c`): a package `__init__` that imports
+    its own modules, which import their siblings through it, is a cycle that only import order keeps working. So
+    package `__init__`s re-export only from modules that import no sibling, and `dit_graft.builtin` (imported by
+    the root package, which alone is left out) registers the operator and family modules.
     """
     if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
@@ -69,8 +71,7 @@ def _targets(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
             continue
         parts = name.split(".")
         out |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}  # the packages' __init__ run too
-    ancestors = {".".join(module.split(".")[:i]) for i in range(1, len(module.split(".")))}
-    return {t for t in out if t in MODULES and t != module and t not in ancestors and t != PACKAGE}
+    return {t for t in out if t in MODULES and t != module and t != PACKAGE}
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -14,8 +14,8 @@ from dit_graft.errors import RecipeError
 from dit_graft.families import family_for
 from dit_graft.plan import PlannedEdit, apply, depth_spans, plan
 from dit_graft.recipe import validate
-from dit_graft.training import Target, activation_distill, relative_error, targets
 from dit_graft.training.data import training_batch, training_pool
+from dit_graft.training.run import Target, activation_distill, relative_error, targets
 from dit_graft.training.stages import Recorder
 from tests.conftest import op_of, tiny_dit, tiny_recipe
 from tests.test_cli import run_cli
@@ -240,7 +240,7 @@ def test_stage_one_only_and_recipe_errors(tmp_path, tiny_dit_dir, write_recipe, 
 
 
 def test_feature_loss_after_a_depth_edit_matches_each_spans_last_block(tmp_path):
-    from dit_graft.training import distill
+    from dit_graft.training.run import distill
     from dit_graft.training.stages import feature_blocks
 
     teacher = tiny_dit(num_layers=4)
