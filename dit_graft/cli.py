@@ -339,7 +339,7 @@ def _latent_multiple(model) -> int:
     return family_for(model).latent_multiple(model)
 
 
-def _print_resolutions(pixels: list[int], costs: list[tuple[dict, dict]]) -> None:
+def _print_resolutions(pixels: list[int | str], costs: list[tuple[dict, dict]]) -> None:
     table = Table(title="cost per image by resolution (teacher → student)")
     for col in ("px", "params", "FLOPs", "ratio", "attention FLOPs", "ratio", "attention share"):
         table.add_column(col, justify="right")
