@@ -31,6 +31,20 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
     _state["debug"] = debug
 
 
+# the memory plan's options, shared by convert (--dry-run) and plan
+DeviceMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device-memory",
+        help="Device size for the memory plan (80GB, 141GB, 79.6GiB); default: the local GPU's, else 80GB.",
+    ),
+]
+ProcessesOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Processes (GPUs) for the memory plan; default: WORLD_SIZE, else 1."),
+]
+
+
 def _fmt(n: float) -> str:
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
@@ -205,17 +219,8 @@ def convert(
             "default: the model's native size.",
         ),
     ] = None,
-    device_memory: Annotated[
-        str | None,
-        typer.Option(
-            "--device-memory",
-            help="Device size for the memory plan (80GB, 141GB, 79.6GiB); default: the local GPU's, else 80GB.",
-        ),
-    ] = None,
-    processes: Annotated[
-        int | None,
-        typer.Option(min=1, help="Processes (GPUs) for the memory plan; default: WORLD_SIZE, else 1."),
-    ] = None,
+    device_memory: DeviceMemoryOption = None,
+    processes: ProcessesOption = None,
 ) -> None:
     """Graft, distil and export a student as the recipe says."""
     from dit_graft.recipe import load_recipe, recipe_dir
@@ -426,17 +431,8 @@ def plan_(
     out: Annotated[
         Path | None, typer.Option("--out", help="Output directory (default: runs/plan-<recipe name>).")
     ] = None,
-    device_memory: Annotated[
-        str | None,
-        typer.Option(
-            "--device-memory",
-            help="Device size for the memory plan (80GB, 141GB, 79.6GiB); default: the local GPU's, else 80GB.",
-        ),
-    ] = None,
-    processes: Annotated[
-        int | None,
-        typer.Option(min=1, help="Processes (GPUs) for the memory plan; default: WORLD_SIZE, else 1."),
-    ] = None,
+    device_memory: DeviceMemoryOption = None,
+    processes: ProcessesOption = None,
 ) -> None:
     """Resolve a recipe on the real teacher: automatic layers chosen, per-layer sensitivity plotted.
 
