@@ -45,6 +45,10 @@ class ModelSection(Strict):
         description="config directory (or bundled:configs/NAME) of a single-file FLUX (BFL) or diffusers checkpoint",
     )
     experts: ExpertsSection | None = Field(default=None, description="timestep experts (Wan2.2 A14B)")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the family's runtime options (wan: flow_shift, guidance_2), recorded in graft.json",
+    )
 
 
 class AutoLayers(Strict):

@@ -12,16 +12,22 @@ import torch.nn.functional as F
 import dit_graft
 from dit_graft.errors import IntegrityError
 from dit_graft.families.wan import (
+    SAMPLING,
     TINY_LATENT,
     TINY_WAN,
     VIDEO_SIZES,
     WAN,
+    Sampling,
     convert_original_wan_state_dict,
     expert_sigma_range,
     latent_frames,
     link_experts,
     original_wan_config,
+    released_model,
+    sampling,
     scheduler,
+    set_sampling,
+    shifted_sigma,
     tiny_wan,
     to_original_wan_state_dict,
     video_latent,
@@ -470,3 +476,125 @@ def test_depth_edits_act_on_wans_blocks_and_reload_bitwise(tmp_path, edit):
     with torch.no_grad():
         ours = WAN.forward(student, inputs["x"], inputs["t"], inputs["cond"])
         assert torch.equal(ours, WAN.forward(reloaded, inputs["x"], inputs["t"], inputs["cond"]))
+
+
+def test_each_bundled_config_samples_with_its_released_flow_shift_and_guidance():
+    """Shift and guidance per model, as the authors' configs give them (Wan2.1 generate.py, Wan2.2 wan/configs)."""
+    assert SAMPLING == {
+        "wan2.1-t2v-1.3b": Sampling(3.0, 5.0),
+        "wan2.1-t2v-14b": Sampling(5.0, 5.0),
+        "wan2.2-ti2v-5b": Sampling(5.0, 5.0),
+        "wan2.2-t2v-a14b": Sampling(12.0, 4.0, 3.0),
+    }
+    models = {
+        name: build_from_config(read_config(resolve_source(f"bundled:configs/{name}")), meta=True) for name in SAMPLING
+    }
+    high, low = models["wan2.2-t2v-a14b"], build_from_config(dict(models["wan2.2-t2v-a14b"].config), meta=True)
+    assert released_model(high) == "wan2.1-t2v-14b"  # the same architecture, until linked as experts
+    link_experts(high, low, 0.875)
+    for name, model in models.items():
+        assert released_model(model) == name and sampling(model) == SAMPLING[name]
+        options = {"flow_shift": SAMPLING[name].flow_shift}
+        if SAMPLING[name].guidance_2 is not None:
+            options["guidance_2"] = SAMPLING[name].guidance_2
+        assert WAN.runtime_options(model) == options  # recorded in graft.json
+    assert sampling(low) == SAMPLING["wan2.2-t2v-a14b"]
+    assert sampling(tiny_wan()) == Sampling(3.0, 5.0, None)  # other sizes: WanPipeline's defaults
+
+
+@pytest.mark.parametrize("shift", [3.0, 5.0, 12.0])
+def test_sampler_is_wan_pipeline_with_unipc_at_the_models_flow_shift(shift):
+    from diffusers import WanPipeline
+
+    model = set_sampling(tiny_wan(), flow_shift=shift)
+    g = torch.Generator().manual_seed(11)
+    latents = torch.randn(1, 4, 3, 4, 6, generator=g)
+    embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
+    ours = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=4, cfg=5.0)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(shift), transformer=model
+    )
+    theirs = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
+        latents=latents,
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if shift != 3.0:  # the shift matters: the default scheduler gives another video
+        other = WAN.sample(
+            set_sampling(tiny_wan(), flow_shift=3.0), latents, {"prompt_embeds": embeds}, steps=4, cfg=5.0
+        )
+        assert not torch.allclose(other, ours, atol=1e-4)
+
+
+def test_training_noise_uses_the_models_flow_shift():
+    x0 = torch.randn(256, 4, 3, 4, 6)
+    for shift in (3.0, 12.0):
+        model = set_sampling(tiny_wan(), flow_shift=shift)
+        gen = torch.Generator().manual_seed(0)
+        _, sigma, _ = WAN.noise(model, x0, gen)
+        u = torch.rand(256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        torch.testing.assert_close(sigma, shifted_sigma(u, shift).float())
+    high, low = set_sampling(tiny_wan(seed=1), flow_shift=12.0), set_sampling(tiny_wan(seed=2), flow_shift=12.0)
+    link_experts(high, low, 0.875)
+    _, sigma, _ = WAN.noise(low, x0, torch.Generator().manual_seed(0))
+    assert sigma.max() < 0.875 and sampling(low).flow_shift == 12.0
+
+
+def test_a14b_experts_take_their_own_guidance_scales_as_wan_pipelines_guidance_scale_2():
+    from diffusers import WanPipeline
+
+    high, low = tiny_wan(seed=1), tiny_wan(seed=2)
+    for model in (high, low):
+        set_sampling(model, flow_shift=12.0, guidance_2=3.0)
+    link_experts(high, low, 0.875)
+    g = torch.Generator().manual_seed(8)
+    latents = torch.randn(1, 4, 3, 4, 6, generator=g)
+    embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
+    ours = WAN.sample(high, latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(12.0), transformer=high,
+        transformer_2=low, boundary_ratio=0.875,
+    )  # fmt: skip
+    theirs = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
+        latents=latents,
+        height=32,
+        width=48,
+        num_frames=9,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        output_type="latent",
+    ).frames
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    same = WAN.sample(high, latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0, cfg_2=4.0)
+    assert not torch.allclose(same, ours, atol=1e-4)
+    unguided = WAN.sample(high, latents, {"prompt_embeds": embeds}, steps=4)  # the pool: no guidance anywhere
+    assert torch.isfinite(unguided).all()
+
+
+def test_recipe_options_set_the_flow_shift_and_the_export_keeps_it(tmp_path, write_recipe, capsys):
+    tiny_wan().save_pretrained(tmp_path / "teacher")
+    data = {
+        "model": {"source": str(tmp_path / "teacher"), "options": {"flow_shift": 7.0}},
+        "graft": [{"site": "mlp", "layers": [0], "op": "mlp_ratio", "options": {"ratio": 0.5}}],
+        "distill": {"steps": 1, "batch_size": 2, "pool_size": 2, "pool_steps": 2, "warmup": 1, "resolution": 32},
+    }
+    code, _, stderr = run_cli(["convert", write_recipe(data), "--out", tmp_path / "student"], capsys)
+    assert code == 0, stderr
+    graft = json.loads((tmp_path / "student" / "graft.json").read_text())
+    assert graft["plan"]["runtime"] == {"flow_shift": 7.0}
+    assert sampling(dit_graft.from_pretrained(tmp_path / "student")).flow_shift == 7.0
+    data["model"]["options"] = {"shift": 7.0}
+    code, _, stderr = run_cli(["convert", write_recipe(data), "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "model.options: the wan family has no runtime option 'shift'" in stderr
+    with pytest.raises(ValueError, match="flow_shift is a positive number"):
+        set_sampling(tiny_wan(), flow_shift=0)

@@ -21,11 +21,15 @@ model takes timesteps t = 1000 σ.
 
 Objective and sampler as diffusers' `WanPipeline`: flow matching x_σ = (1 − σ) x0 + σ ε, the model
 predicts v = ε − x0; sampling with diffusers' `UniPCMultistepScheduler` in the configuration of the
-Wan-AI Diffusers repositories (flow_prediction, flow sigmas, shift `FLOW_SHIFT` = 3.0, order 2, bh2),
+Wan-AI Diffusers repositories (flow_prediction, flow sigmas, order 2, bh2) at the model's flow shift,
 classifier-free guidance through the negative caption (the empty caption's embedding from a cached file;
-zero features for the synthetic set) at scale 5.0 by default. Training noise levels: σ uniform in (0, 1)
-mapped through the same shift, σ' = sσ / (1 + (s − 1)σ), so distillation sees the noise levels sampling
-visits (Wan's training code is not released; this is dit-graft's choice). Conditions: `prompt_embeds`
+zero features for the synthetic set). The flow shift, and the A14B low-noise expert's own guidance scale,
+are per model (`SAMPLING`, from the authors' configs: 3.0 for T2V-1.3B at 480p, 5.0 for T2V-14B and
+TI2V-5B, 12.0 for T2V-A14B with guidance 4.0 high noise / 3.0 low noise), overridable per conversion
+(`set_sampling`, the family's runtime options `flow_shift` / `guidance_2`, recorded in graft.json).
+Training noise levels: σ uniform in (0, 1) mapped through the same shift, σ' = sσ / (1 + (s − 1)σ), so
+distillation sees the noise levels sampling visits (Wan's training code is not released; this is
+dit-graft's choice). Conditions: `prompt_embeds`
 (B, 512, text_dim) umT5 features, zero-padded after the caption, no mask (Wan attends to all 512).
 
 Checkpoints in Wan's original layout (the Wan-Video/Wan2.1 and Wan2.2 repositories' `WanModel`: keys
@@ -40,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -58,7 +63,7 @@ from dit_graft.model.site import AttentionCaps, BlockGroup, Site, Streams, Token
 
 TEXT_TOKENS = 512  # umT5 context length: Wan's text_len, hard-coded in diffusers' I2V split
 HEAD_DIM = 128  # every released Wan model (1.3B: 12 × 128, 5B: 24 × 128, 14B: 40 × 128)
-FLOW_SHIFT = 3.0  # the Wan2.1 Diffusers repositories' scheduler flow_shift (480p; Wan recommends 5.0 at 720p)
+FLOW_SHIFT = 3.0  # diffusers' WanPipeline default and the Wan2.1-T2V-1.3B-Diffusers scheduler (unknown models)
 GUIDANCE = 5.0  # WanPipeline's default guidance_scale
 NUM_TRAIN_TIMESTEPS = 1000
 # (pixel frames, height, width) the dry run costs: Wan's 480p and 720p at 81 frames (5 s at 16 fps)
@@ -81,6 +86,70 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     final_sigmas_type="zero",
     timestep_spacing="linspace",
 )
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A released model's sampler settings: UniPC's flow shift (also the shift of the training noise levels) and
+    its guidance scales — `guidance` for t ≥ boundary (a single model: every step), `guidance_2` for the A14B
+    low-noise expert (t < boundary); WanPipeline's guidance_scale and guidance_scale_2."""
+
+    flow_shift: float = FLOW_SHIFT
+    guidance: float = GUIDANCE
+    guidance_2: float | None = None
+
+
+# Bundled config → its settings, from the authors' code (Wan-Video/Wan2.1 generate.py at 9737cba, Wan-Video/Wan2.2
+# wan/configs/ at 42bf4cf; the original code applies the same shift σ' = sσ / (1 + (s − 1)σ) as diffusers' flow_shift):
+SAMPLING: dict[str, Sampling] = {
+    # a 480p model: diffusers' Wan2.1-T2V-1.3B-Diffusers scheduler flow_shift 3.0 (Wan2.1's own 480p value; its
+    # generate.py defaults to 5.0 for every T2V task, and its README suggests 8–12 with guidance 6 for this model)
+    "wan2.1-t2v-1.3b": Sampling(3.0, 5.0),
+    "wan2.1-t2v-14b": Sampling(5.0, 5.0),  # generate.py's T2V default sample_shift 5.0 (720p), guide scale 5.0
+    "wan2.2-ti2v-5b": Sampling(5.0, 5.0),  # wan_ti2v_5B.py: sample_shift 5.0, sample_guide_scale 5.0
+    "wan2.2-t2v-a14b": Sampling(12.0, 4.0, 3.0),  # wan_t2v_A14B.py: shift 12.0, guide (3.0 low noise, 4.0 high)
+}
+
+
+def released_model(model: nn.Module) -> str | None:
+    """The bundled config `model`'s architecture is (None for other sizes): TI2V-5B by its 48 latent channels,
+    T2V-1.3B by width 1536, T2V-14B by width 5120 — A14B when linked as experts (the same architecture)."""
+    cfg = model.config
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    if cfg.in_channels == 48 and width == 3072:
+        return "wan2.2-ti2v-5b"
+    if cfg.image_dim is not None or cfg.in_channels != 16:
+        return None
+    if width == 1536 and cfg.num_layers == 30:
+        return "wan2.1-t2v-1.3b"
+    if width == 5120 and cfg.num_layers == 40:
+        return "wan2.2-t2v-a14b" if model in _EXPERTS else "wan2.1-t2v-14b"
+    return None
+
+
+def sampling(model: nn.Module) -> Sampling:
+    """`model`'s sampler settings: those `set_sampling` gave it, else its released model's (`SAMPLING`), else
+    diffusers' WanPipeline defaults (flow shift 3.0, guidance 5.0)."""
+    own = getattr(model, "_dit_graft_sampling", None)
+    if own is not None:
+        return own
+    return SAMPLING.get(released_model(model) or "", Sampling())
+
+
+def set_sampling(model: nn.Module, flow_shift: float | None = None, guidance_2: float | None = None) -> nn.Module:
+    """Overrides `model`'s flow shift (sampler and training noise) and its low-noise expert's guidance scale; the
+    settings travel with deep copies (students) and are recorded in graft.json (runtime options)."""
+    if flow_shift is not None and not (isinstance(flow_shift, int | float) and flow_shift > 0):
+        raise ValueError(f"flow_shift is a positive number, got {flow_shift!r}")
+    if guidance_2 is not None and not (isinstance(guidance_2, int | float) and guidance_2 >= 1):
+        raise ValueError(f"guidance_2 is a guidance scale ≥ 1, got {guidance_2!r}")
+    current = sampling(model)
+    model._dit_graft_sampling = replace(
+        current,
+        flow_shift=float(flow_shift) if flow_shift is not None else current.flow_shift,
+        guidance_2=float(guidance_2) if guidance_2 is not None else current.guidance_2,
+    )
+    return model
 
 
 # ---------------------------------------------------------------- geometry
@@ -360,34 +429,42 @@ class WanFamily(Family):
         steps: int = 50,
         cfg: float = 1.0,
         null: Conditions | None = None,
+        cfg_2: float | None = None,
     ) -> torch.Tensor:
-        """WanPipeline's denoising loop: UniPC (flow sigmas, shift FLOW_SHIFT) on fp32 latents, classifier-free
-        guidance uncond + cfg · (cond − uncond) through the negative caption (`null`; default zero features).
-        An expert linked by `link_experts` samples with its pair, switching at the boundary as WanPipeline does."""
-        sched = scheduler()
+        """WanPipeline's denoising loop: UniPC (flow sigmas, the model's flow shift, `sampling`) on fp32 latents,
+        classifier-free guidance uncond + cfg · (cond − uncond) through the negative caption (`null`; default zero
+        features). An expert linked by `link_experts` samples with its pair, switching at the boundary as
+        WanPipeline does, `cfg` for the high-noise expert and `cfg_2` for the low-noise one (WanPipeline's
+        guidance_scale, guidance_scale_2); `cfg_2` None: the model's `guidance_2` when guided (cfg ≠ 1), else cfg."""
+        settings = sampling(model)
+        if cfg_2 is None:
+            cfg_2 = settings.guidance_2 if cfg != 1.0 and settings.guidance_2 is not None else cfg
+        sched = scheduler(settings.flow_shift)
         sched.set_timesteps(steps, device=noise.device)
         sched.set_begin_index(0)
         high, low, boundary = _EXPERTS.get(model, (model, model, 0.0))
         text = cond["prompt_embeds"].to(noise.device)
-        if cfg != 1.0:
+        guided = cfg != 1.0 or cfg_2 != 1.0
+        if guided:
             neg = (null or self.null_conditions(model))["prompt_embeds"].to(text)
             text = torch.cat([text, neg.expand_as(text)])
         x = noise.float()
         with _like(low if model is high else high, model, noise.device):  # the partner expert, for the loop
             for t in sched.timesteps:
-                current = high if t >= boundary * NUM_TRAIN_TIMESTEPS else low  # WanPipeline's switch (A14B)
+                first = t >= boundary * NUM_TRAIN_TIMESTEPS  # WanPipeline's switch (A14B)
+                current, scale = (high, cfg) if first else (low, cfg_2)
                 dtype = next(current.parameters()).dtype
                 inp = x.to(dtype)
-                inp = torch.cat([inp, inp]) if cfg != 1.0 else inp
+                inp = torch.cat([inp, inp]) if guided else inp
                 out = current(
                     hidden_states=inp,
                     timestep=t.expand(inp.shape[0]),
                     encoder_hidden_states=text.to(dtype),
                     return_dict=False,
                 )[0]
-                if cfg != 1.0:
+                if guided:
                     out_c, out_u = out.chunk(2)
-                    out = out_u + cfg * (out_c - out_u)
+                    out = out_u + scale * (out_c - out_u)
                 x = sched.step(out, t, x, return_dict=False)[0]
         return x
 
@@ -411,11 +488,12 @@ class WanFamily(Family):
         return {"prompt_embeds": torch.zeros(1, t, d)}
 
     def noise(self, model: nn.Module, x0: torch.Tensor, gen: torch.Generator):
-        """x_σ = (1 − σ) x0 + σ ε at σ = shift(u), u ~ U(0, 1); target ε − x0. An A14B expert trains on its own
-        σ range (`expert_sigma_range`), recorded on the model as `_dit_graft_sigma_range`."""
+        """x_σ = (1 − σ) x0 + σ ε at σ = shift(u), u ~ U(0, 1), with the model's flow shift (`sampling`); target
+        ε − x0. An A14B expert trains on its own σ range (`expert_sigma_range`), recorded on the model as
+        `_dit_graft_sigma_range`."""
         u = torch.rand(x0.shape[0], generator=gen, dtype=torch.float64)
         lo, hi = getattr(model, "_dit_graft_sigma_range", (0.0, 1.0))
-        sigma = (lo + (hi - lo) * shifted_sigma(u)).to(x0.dtype)
+        sigma = (lo + (hi - lo) * shifted_sigma(u, sampling(model).flow_shift)).to(x0.dtype)
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, *([1] * (x0.dim() - 1)))
         return (1 - s) * x0 + s * noise, sigma, noise - x0
@@ -438,6 +516,20 @@ class WanFamily(Family):
         if len(experts) != 2:
             raise ValueError(f"Wan2.2 A14B has two timestep experts, not {len(experts)}")
         link_experts(*experts, boundary)
+
+    def runtime_options(self, model: nn.Module) -> dict[str, Any]:
+        """The sampler settings (`sampling`): flow shift, and the low-noise expert's guidance where it has one."""
+        settings = sampling(model)
+        options: dict[str, Any] = {"flow_shift": settings.flow_shift}
+        if settings.guidance_2 is not None:
+            options["guidance_2"] = settings.guidance_2
+        return options
+
+    def apply_runtime_options(self, model: nn.Module, options: dict[str, Any]) -> nn.Module:
+        unknown = sorted(set(options) - {"flow_shift", "guidance_2"})
+        if unknown:
+            raise ValueError(f"the wan family has no runtime option {unknown[0]!r} (known: flow_shift, guidance_2)")
+        return set_sampling(model, options.get("flow_shift"), options.get("guidance_2")) if options else model
 
     def cost_sizes(self, model: nn.Module) -> dict[str, tuple[int, int, int]]:
         """The sizes a dry run costs when no --resolution is given: 480p × 81 and 720p × 81 (latents)."""
@@ -469,6 +561,8 @@ def link_experts(high: nn.Module, low: nn.Module, boundary: float) -> None:
     for index, model in enumerate((high, low)):
         model._dit_graft_sigma_range = expert_sigma_range(index, boundary)
         _EXPERTS[model] = (high, low, boundary)
+    for model in (high, low):  # pinned (A14B's settings now that they are linked): students copy them
+        model._dit_graft_sampling = sampling(model)
 
 
 @contextlib.contextmanager
