@@ -54,6 +54,11 @@ def load_teacher(recipe: Recipe, base_dir: Path | None = None, meta: bool = Fals
     if check_out is not None:
         check_output(check_out, source)
     model = load_model(source, recipe.model.subfolder, meta=meta, num_heads=recipe.model.num_heads, config=config)
+    if recipe.model.options:  # the family's runtime options (Wan: flow_shift, guidance_2), recorded in graft.json
+        try:
+            family_for(model).apply_runtime_options(model, dict(recipe.model.options))
+        except ValueError as e:
+            raise RecipeError(f"model.options: {e}") from None
     return source, model
 
 
