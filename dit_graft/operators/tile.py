@@ -16,9 +16,11 @@ softmax attention. With a text prefix (a joint text-video sequence), text rows a
 
 Departures from the paper: the paper searches a mask per layer on calibration data and distils afterwards;
 here the pattern is the recipe's choice per site (one option set, or per-layer through the recipe's layer
-selection). Efficient-vDiT's own kernel and repository could not be read from this project's sources; the
-pattern above is the one its Table 1 sparsities imply (e.g. 1:7 on 8 frames keeps 22 of 64 frame pairs,
-65.6% sparse; the paper reports 64.38% measured on its block kernel).
+selection). This follows the paper (arXiv 2502.06155v2); Efficient-vDiT's own kernel and repository
+(hao-ai-lab/Efficient-vDiT) could not be read from this project's sources. Checked against all nine masks of
+its Table 1: dense global rows and columns plus the diagonal are 0.8–1.5 points sparser than reported (1:7 on 8
+frames keeps 22 of 64 frame pairs, 65.6% against 64.38% measured on its block kernel); global keys alone would
+be 10–25 points sparser, so the global frames' queries see every frame.
 
 Paths: `dit_graft.kernels.frame_tile_attention` — the bounded-memory PyTorch path on every device (global
 rows dense in chunks, each group's queries over the global and own-group keys), no Triton kernel yet.
