@@ -16,8 +16,11 @@ softmax attention. With a text prefix (a joint text-video sequence), text rows a
 
 Departures from the paper: the paper searches a mask per layer on calibration data and distils afterwards;
 here the pattern is the recipe's choice per site (one option set, or per-layer through the recipe's layer
-selection). This follows the paper (arXiv 2502.06155v2); Efficient-vDiT's own kernel and repository
-(hao-ai-lab/Efficient-vDiT) could not be read from this project's sources. Checked against all nine masks of
+selection). This follows the paper (arXiv 2502.06155v2; its Fig. 3: mask "2:6" keeps the main-diagonal frame
+blocks and 2 global reference latent frames); Efficient-vDiT's own kernel and repository
+(hao-ai-lab/Efficient-vDiT) could not be read from this project's sources. The paper does not say which frames
+are the reference ones: here the first G (its Fig. 1c measures attention against the first frame; no count
+depends on the choice). Checked against all nine masks of
 its Table 1: dense global rows and columns plus the diagonal are 0.8–1.5 points sparser than reported (1:7 on 8
 frames keeps 22 of 64 frame pairs, 65.6% against 64.38% measured on its block kernel); global keys alone would
 be 10–25 points sparser, so the global frames' queries see every frame.
