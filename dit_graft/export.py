@@ -6,6 +6,7 @@
       graft.json                           dit-graft version, resolved recipe, GraftPlan, per-layer operators, metrics
       verify.safetensors, integrity.json   a seeded forward's inputs and output, every file's sha256 (dit-graft verify)
       README.md                            model card
+      modeling_dit_graft.py                loader for diffusers.AutoModel(trust_remote_code=True) (dit_graft.standalone)
 
 The directory is written to a temporary sibling and renamed into place, so it is complete or absent.
 """
@@ -26,6 +27,7 @@ from dit_graft.errors import IntegrityError
 from dit_graft.integrity import record
 from dit_graft.loading import WEIGHTS_NAME, build_from_config, load_weights, model_dir, read_config, safetensors_files
 from dit_graft.plan import GraftPlan, apply
+from dit_graft.standalone import write as write_modeling_file
 
 GRAFT_JSON = "graft.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,6 +83,7 @@ def export(
         }
         (tmp / GRAFT_JSON).write_text(json.dumps(graft, indent=2))
         (tmp / "README.md").write_text(model_card(graft_plan, recipe, metrics or {}))
+        write_modeling_file(tmp)  # modeling_dit_graft.py + config.json's auto_map (dit_graft.standalone)
         for name, src in (extra_files or {}).items():
             if src.is_file():
                 shutil.copyfile(src, tmp / name)
@@ -114,8 +117,10 @@ tags: [dit-graft, diffusion-transformer]
 Converted from `{source}` ({graft_plan.base_class}) with dit-graft {__version__}.
 {recipe.get("description") or ""}
 
-Load with `dit_graft.from_pretrained(path)`; the result plugs into the family's diffusers pipeline
-as `transformer=`.
+Load with `dit_graft.from_pretrained(path)`, or without dit-graft installed (torch, diffusers, safetensors,
+accelerate, pydantic and pyyaml suffice) with `diffusers.AutoModel.from_pretrained(path, trust_remote_code=True)`,
+which runs the bundled `modeling_dit_graft.py` (dit-graft's own loader, embedded at export time); both build the
+same model, which plugs into the family's diffusers pipeline as `transformer=`.
 
 ## Edits
 
@@ -160,7 +165,7 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     if not path.exists():
         raise IntegrityError(f"{path}: no such directory")
     directory = model_dir(path)
-    config = read_config(directory)
+    config = {k: v for k, v in read_config(directory).items() if k != "auto_map"}  # dit_graft.standalone's entry
     safetensors_files(directory)  # a config-only directory fails here, before a possibly huge model is built
     graft = read_graft(directory)
     graft_plan = None if graft is None else GraftPlan.model_validate(graft["plan"])

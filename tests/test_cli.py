@@ -40,6 +40,7 @@ def test_convert_end_to_end_on_a_tiny_model(tmp_path, tiny_dit_dir, write_recipe
         "loss.csv",
         "loss.json",
         "loss.png",
+        "modeling_dit_graft.py",
         "verify.safetensors",
     ]
     graft = json.loads((out / "graft.json").read_text())
