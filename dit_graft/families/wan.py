@@ -102,8 +102,9 @@ class Sampling:
 # Bundled config → its settings, from the authors' code (Wan-Video/Wan2.1 generate.py at 9737cba, Wan-Video/Wan2.2
 # wan/configs/ at 42bf4cf; the original code applies the same shift σ' = sσ / (1 + (s − 1)σ) as diffusers' flow_shift):
 SAMPLING: dict[str, Sampling] = {
-    # a 480p model: diffusers' Wan2.1-T2V-1.3B-Diffusers scheduler flow_shift 3.0 (Wan2.1's own 480p value; its
-    # generate.py defaults to 5.0 for every T2V task, and its README suggests 8–12 with guidance 6 for this model)
+    # a 480p model: the Wan2.1 README's diffusers example (flow_shift "5.0 for 720P, 3.0 for 480P") and diffusers'
+    # WanPipeline default; Wan2.1's own generate.py uses 5.0 for T2V at every size (3.0 only for I2V at 480p),
+    # and its README suggests shift 8–12 with guidance 6 for this model
     "wan2.1-t2v-1.3b": Sampling(3.0, 5.0),
     "wan2.1-t2v-14b": Sampling(5.0, 5.0),  # generate.py's T2V default sample_shift 5.0 (720p), guide scale 5.0
     "wan2.2-ti2v-5b": Sampling(5.0, 5.0),  # wan_ti2v_5B.py: sample_shift 5.0, sample_guide_scale 5.0
