@@ -77,6 +77,8 @@ for name, directory in json.loads(sys.argv[1]).items():
     save_file({"output": out.contiguous()}, f"{sys.argv[2]}/{name}.safetensors")
     report[name] = {"modules": {k: type(m).__name__ for k, m in model.named_modules()},
                     "training": model.training, "class": type(model).__name__}
+half = AutoModel.from_pretrained(directory, trust_remote_code=True, torch_dtype=torch.bfloat16)
+report["_bfloat16"] = sorted({str(p.dtype) for p in half.parameters()})
 report["_dit_graft_modules"] = sorted(m for m in sys.modules if m == "dit_graft" or m.startswith("dit_graft."))
 print(json.dumps(report))
 """
@@ -91,10 +93,11 @@ def _edit(op_name: str, group: str | None, options: dict) -> dict:
     return {"site": op.site, "group": group, "layers": "all", "op": op_name, "options": options}
 
 
-def _first_student(op_name: str):
+def _first_student(op_name: str, families: list[str] | None = None):
     """The first (family, group, case) in registry order that plans: its family, plan and student."""
     op = OPERATORS.get(op_name)
-    for family_name, family in FAMILIES.items():
+    for family_name in families or list(FAMILIES):
+        family = FAMILIES.get(family_name)
         teacher = tiny_model(family_name)
         groups = [None] if op.structure is not None else groups_with(family_name, op.site)
         for group in groups:
@@ -117,6 +120,10 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     for op_name, _ in OPERATORS.items():
         family_name, graft_plan, student = _first_student(op_name)
         out[f"{family_name}-{op_name}"] = export(student, graft_plan, {"model": {"source": "tiny"}}, root / op_name)
+    for family_name, _ in FAMILIES.items():  # every family's attention adapter, with LiT's linear core
+        if f"{family_name}-linear" not in out:
+            _, graft_plan, student = _first_student("linear", [family_name])
+            out[f"{family_name}-linear"] = export(student, graft_plan, {}, root / f"{family_name}-linear")
     # original DiT: its timestep frequencies are a runtime option re-applied from graft.json
     teacher = use_original_timestep_frequencies(copy.deepcopy(tiny_model("dit")))
     recipe = validate({"model": {"source": "tiny"}, "graft": [_edit("linear", None, {})]})
@@ -147,6 +154,8 @@ def test_every_operator_loads_bitwise_without_dit_graft(exports, tmp_path):
     assert {k.split("-", 1)[1] for k in exports} >= set(OPERATORS)  # generated from the registry
     report = _run_child(exports, tmp_path)
     assert report.pop("_dit_graft_modules") == []
+    assert report.pop("_bfloat16") == ["torch.bfloat16"]  # torch_dtype is honoured
+    assert {name.split("-")[0] for name in exports} == set(FAMILIES)
     for name, directory in exports.items():
         expected = load_file(str(directory / "verify.safetensors"))["output"]  # dit_graft.from_pretrained's output
         got = load_file(str(tmp_path / "results" / f"{name}.safetensors"))["output"]
