@@ -45,15 +45,21 @@ class BlockDitGraft(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
         return None
 
-sys.meta_path.insert(0, BlockDitGraft())
-try:
-    import dit_graft  # noqa: F401
-    raise SystemExit("dit_graft is importable in the child")
-except ModuleNotFoundError:
-    pass
-
 import torch
 from diffusers import AutoModel
+
+if sys.argv[3] == "auto":
+    sys.meta_path.insert(0, BlockDitGraft())
+    try:
+        import dit_graft  # noqa: F401
+        raise SystemExit("dit_graft is importable in the child")
+    except ModuleNotFoundError:
+        pass
+    load = lambda directory, **kw: AutoModel.from_pretrained(directory, trust_remote_code=True, **kw)
+else:
+    import dit_graft
+
+    load = lambda directory, **kw: dit_graft.from_pretrained(directory)
 from safetensors.torch import load_file, save_file
 
 def unflatten(layout, tensors, prefix=""):
@@ -69,7 +75,7 @@ def unflatten(layout, tensors, prefix=""):
 
 report = {}
 for name, directory in json.loads(sys.argv[1]).items():
-    model = AutoModel.from_pretrained(directory, trust_remote_code=True)
+    model = load(directory)
     graft = json.load(open(f"{directory}/graft.json"))
     inputs = unflatten(graft["verify"]["inputs"], load_file(f"{directory}/verify.safetensors"))
     with torch.no_grad():
@@ -77,8 +83,10 @@ for name, directory in json.loads(sys.argv[1]).items():
     save_file({"output": out.contiguous()}, f"{sys.argv[2]}/{name}.safetensors")
     report[name] = {"modules": {k: type(m).__name__ for k, m in model.named_modules()},
                     "training": model.training, "class": type(model).__name__}
-half = AutoModel.from_pretrained(directory, trust_remote_code=True, torch_dtype=torch.bfloat16)
-report["_bfloat16"] = sorted({str(p.dtype) for p in half.parameters()})
+if sys.argv[3] == "auto":
+    half = load(directory, torch_dtype=torch.bfloat16)
+    report["_bfloat16"] = sorted({str(p.dtype) for p in half.parameters()})
+report["_kernel_modules"] = sorted(m.split(".", 1)[1] for m in sys.modules if "kernels." in m and "triton" in m)
 report["_dit_graft_modules"] = sorted(m for m in sys.modules if m == "dit_graft" or m.startswith("dit_graft."))
 print(json.dumps(report))
 """
@@ -133,13 +141,13 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _run_child(exports: dict[str, Path], tmp_path: Path) -> dict:
-    results = tmp_path / "results"
+def _run_child(exports: dict[str, Path], tmp_path: Path, loader: str = "auto", **env_vars: str) -> dict:
+    results = tmp_path / f"results-{loader}"
     results.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env_vars)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps({k: str(v) for k, v in exports.items()}), str(results)],
+        [sys.executable, "-c", CHILD, json.dumps({k: str(v) for k, v in exports.items()}), str(results), loader],
         cwd=tmp_path,  # outside the repository: no dit_graft on sys.path[0]
         env=env,
         capture_output=True,
@@ -158,7 +166,7 @@ def test_every_operator_loads_bitwise_without_dit_graft(exports, tmp_path):
     assert {name.split("-")[0] for name in exports} == set(FAMILIES)
     for name, directory in exports.items():
         expected = load_file(str(directory / "verify.safetensors"))["output"]  # dit_graft.from_pretrained's output
-        got = load_file(str(tmp_path / "results" / f"{name}.safetensors"))["output"]
+        got = load_file(str(tmp_path / "results-auto" / f"{name}.safetensors"))["output"]
         assert torch.equal(got, expected), f"{name}: output differs from dit_graft.from_pretrained"
         reference = dit_graft.from_pretrained(directory)
         assert report[name]["modules"] == {k: type(m).__name__ for k, m in reference.named_modules()}, name
@@ -193,3 +201,15 @@ def test_the_embedded_sources_are_dit_graft_s_own():
     assert renamed.replace(package, "dit_graft") == sources["plan"][1]
     with pytest.raises(RuntimeError, match="was not renamed"):
         standalone.rename("import os, dit_graft\n", package, "x")
+
+
+def test_the_embedded_triton_kernels_run_as_dit_graft_s(exports, tmp_path):
+    """With Triton forced (its CPU interpreter here; CUDA on a GPU), the embedded kernels give dit_graft's output."""
+    env = {"TRITON_INTERPRET": "1", "DIT_GRAFT_KERNELS": "triton"}
+    standalone_run = _run_child(exports, tmp_path, "auto", **env)
+    installed_run = _run_child(exports, tmp_path, "dit_graft", **env)
+    assert standalone_run["_kernel_modules"] and standalone_run["_kernel_modules"] == installed_run["_kernel_modules"]
+    for name in exports:
+        got = load_file(str(tmp_path / "results-auto" / f"{name}.safetensors"))["output"]
+        expected = load_file(str(tmp_path / "results-dit_graft" / f"{name}.safetensors"))["output"]
+        assert torch.equal(got, expected), f"{name}: the embedded Triton path differs from dit_graft's"
