@@ -27,6 +27,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 from dit_graft import __version__
@@ -35,6 +36,7 @@ MODULE_FILE = "modeling_dit_graft.py"
 CLASS_NAME = "DitGraftStudent"
 AUTO_MAP = {"AutoModel": f"{MODULE_FILE[:-3]}.{CLASS_NAME}"}
 PACKAGE = "dit_graft"
+EXTENSIONS = "_extensions"
 ROOTS = (PACKAGE, f"{PACKAGE}.export", f"{PACKAGE}.kernels")
 _IMPORT = re.compile(rf"^(\s*(?:from|import)\s+){PACKAGE}(?=[\s.])", re.MULTILINE)
 
@@ -70,10 +72,23 @@ def _imported(name: str, is_package: bool, tree: ast.AST) -> set[str]:
     return found
 
 
-def runtime_sources() -> dict[str, tuple[bool, str]]:
-    """Module name relative to the package ("" for the root) → (is a package, source), for the import closure."""
+def runtime_sources(extensions: tuple[str, ...] = ()) -> dict[str, tuple[bool, str]]:
+    """Module name relative to the package ("" for the root) → (is a package, source), for the import closure.
+
+    `extensions`: modules outside the package that register an operator or family a plan uses (docs/extending.md);
+    each is embedded as `_extensions.<name>` (dots → "__") and imported after the root package, so their
+    registrations exist in the embedded registries too.
+    """
     sources: dict[str, tuple[bool, str]] = {}
     todo = list(ROOTS)
+    for name in extensions:
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None)
+        if origin is None or not origin.endswith(".py"):
+            raise RuntimeError(f"standalone: no Python source for the extension module {name}")
+        source = Path(origin).read_text(encoding="utf-8")
+        sources[f"{EXTENSIONS}.{name.replace('.', '__')}"] = (False, source)
+        todo.extend(_with_parents(_imported(name, False, ast.parse(source, origin))))
     while todo:
         name = todo.pop()
         key = name[len(PACKAGE) + 1 :]
@@ -85,9 +100,25 @@ def runtime_sources() -> dict[str, tuple[bool, str]]:
         source = Path(spec.origin).read_text(encoding="utf-8")
         is_package = spec.submodule_search_locations is not None
         sources[key] = (is_package, source)
-        found = _imported(name, is_package, ast.parse(source, spec.origin))
-        todo.extend(found | {m.rsplit(".", i)[0] for m in found for i in range(1, m.count(".") + 1)})  # + parents
+        todo.extend(_with_parents(_imported(name, is_package, ast.parse(source, spec.origin))))
+    if extensions:
+        sources[EXTENSIONS] = (True, '"""Modules outside dit-graft that registered what this plan uses."""\n')
     return dict(sorted(sources.items()))
+
+
+def _with_parents(modules: set[str]) -> set[str]:
+    return modules | {m.rsplit(".", i)[0] for m in modules for i in range(1, m.count(".") + 1)}
+
+
+def extension_modules(graft: dict) -> tuple[str, ...]:
+    """The modules outside dit-graft that define the family or an operator a graft.json's plan uses."""
+    from dit_graft.families import FAMILIES
+    from dit_graft.operators import OPERATORS
+
+    plan = graft["plan"]
+    owners = {type(FAMILIES.get(plan["family"])).__module__}
+    owners |= {OPERATORS.get(e["op"]).options.__module__ for e in plan["edits"]}
+    return tuple(sorted(m for m in owners if m != PACKAGE and not m.startswith(f"{PACKAGE}.")))
 
 
 def private_name(sources: dict[str, tuple[bool, str]]) -> str:
@@ -109,19 +140,26 @@ def rename(source: str, package: str, where: str) -> str:
     return out
 
 
-def assemble() -> str:
+def assemble(extensions: tuple[str, ...] = ()) -> str:
     """The text of the modeling file (see the module docstring)."""
-    sources = runtime_sources()
+    sources = runtime_sources(extensions)
     package = private_name(sources)
     renamed = {k: (pkg, rename(src, package, f"{PACKAGE}.{k}".rstrip("."))) for k, (pkg, src) in sources.items()}
     entries = "\n".join(f"    {k!r}: ({pkg!r}, {src!r})," for k, (pkg, src) in renamed.items())
-    return _TEMPLATE.replace("@VERSION@", __version__).replace("@PACKAGE@", package).replace("@SOURCES@", entries)
+    imports = [f"{EXTENSIONS}.{name.replace('.', '__')}" for name in extensions]
+    return (
+        _TEMPLATE.replace("@VERSION@", __version__)
+        .replace("@PACKAGE@", package)
+        .replace("@EXTENSIONS@", repr(imports))
+        .replace("@SOURCES@", entries)
+    )
 
 
 def write(directory: Path) -> None:
     """Writes the modeling file into an export directory and adds the `auto_map` entry to its config.json."""
     directory = Path(directory)
-    (directory / MODULE_FILE).write_text(assemble(), encoding="utf-8")
+    extensions = extension_modules(json.loads((directory / "graft.json").read_text()))
+    (directory / MODULE_FILE).write_text(assemble(extensions), encoding="utf-8")
     config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
     config["auto_map"] = dict(AUTO_MAP)
@@ -149,6 +187,7 @@ import sys
 
 DIT_GRAFT_VERSION = "@VERSION@"
 PACKAGE = "@PACKAGE@"
+_EXTENSIONS = @EXTENSIONS@  # modules outside dit-graft that registered an operator or family this plan uses
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "token")
 
 _SOURCES = {
@@ -206,7 +245,10 @@ def runtime():
     """The embedded dit-graft package (imported once per process and version)."""
     if not any(getattr(f, "package", None) == PACKAGE for f in sys.meta_path):
         sys.meta_path.append(_EmbeddedFinder(_SOURCES, os.path.dirname(os.path.abspath(__file__))))
-    return importlib.import_module(PACKAGE)
+    package = importlib.import_module(PACKAGE)
+    for name in _EXTENSIONS:
+        importlib.import_module(f"{PACKAGE}.{name}")
+    return package
 
 
 def _local_directory(path, subfolder, hub_kwargs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import importlib.util
 import json
 import os
 import runpy
@@ -33,6 +34,7 @@ from dit_graft.operators import OPERATORS
 from dit_graft.plan import apply, plan
 from dit_graft.recipe import validate
 from tests.contract import groups_with, tiny_model
+from tests.test_extending import TOY
 
 CALIBRATION = {"calibration_resolution": 64, "calibration_samples": 2}  # depth edits score blocks on 8×8 latents
 
@@ -213,3 +215,24 @@ def test_the_embedded_triton_kernels_run_as_dit_graft_s(exports, tmp_path):
         got = load_file(str(tmp_path / "results-auto" / f"{name}.safetensors"))["output"]
         expected = load_file(str(tmp_path / "results-dit_graft" / f"{name}.safetensors"))["output"]
         assert torch.equal(got, expected), f"{name}: the embedded Triton path differs from dit_graft's"
+
+
+def test_an_operator_registered_outside_dit_graft_is_embedded_too(tmp_path):
+    """docs/extending.md's toy operator, from a temporary module: its module rides along in the modeling file."""
+    path = tmp_path / "toy_operator_standalone.py"
+    path.write_text(TOY)
+    spec = importlib.util.spec_from_file_location("toy_operator_standalone", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["toy_operator_standalone"] = module
+    try:
+        spec.loader.exec_module(module)
+        family_name, graft_plan, student = _first_student("toy_uniform")
+        out = export(student, graft_plan, {}, tmp_path / "toy")
+    finally:
+        OPERATORS.unregister("toy_uniform")
+        sys.modules.pop("toy_operator_standalone", None)
+    path.unlink()  # the child cannot find the module on disk either
+    report = _run_child({f"{family_name}-toy_uniform": out}, tmp_path)
+    got = load_file(str(tmp_path / "results-auto" / f"{family_name}-toy_uniform.safetensors"))["output"]
+    assert torch.equal(got, load_file(str(out / "verify.safetensors"))["output"])
+    assert report.pop("_dit_graft_modules") == []
