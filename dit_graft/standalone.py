@@ -23,11 +23,13 @@ The file needs what dit-graft's loader imports: torch, diffusers, safetensors, a
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from dit_graft import __version__
@@ -141,7 +143,15 @@ def rename(source: str, package: str, where: str) -> str:
 
 
 def assemble(extensions: tuple[str, ...] = ()) -> str:
-    """The text of the modeling file (see the module docstring)."""
+    """The text of the modeling file (see the module docstring); assembled once per process and extension sources
+    (dit-graft's own files do not change under a running process; reading and parsing them takes about 0.5 s)."""
+    files = [getattr(sys.modules.get(n), "__file__", None) for n in extensions]
+    texts = tuple(Path(f).read_text() if f and Path(f).is_file() else "" for f in files)
+    return _assemble(extensions, texts)
+
+
+@functools.lru_cache(maxsize=8)
+def _assemble(extensions: tuple[str, ...], texts: tuple[str, ...]) -> str:
     sources = runtime_sources(extensions)
     package = private_name(sources)
     renamed = {k: (pkg, rename(src, package, f"{PACKAGE}.{k}".rstrip("."))) for k, (pkg, src) in sources.items()}
@@ -155,15 +165,26 @@ def assemble(extensions: tuple[str, ...] = ()) -> str:
     )
 
 
-def write(directory: Path) -> None:
-    """Writes the modeling file into an export directory and adds the `auto_map` entry to its config.json."""
+def write(directory: Path) -> bool:
+    """Writes the modeling file into an export directory and adds the `auto_map` entry to its config.json.
+
+    An operator or family registered from code without a source file (a notebook cell) cannot be embedded: the
+    export then goes without the modeling file (a warning says why) and loads with dit-graft only. Returns whether
+    the file was written.
+    """
     directory = Path(directory)
     extensions = extension_modules(json.loads((directory / "graft.json").read_text()))
-    (directory / MODULE_FILE).write_text(assemble(extensions), encoding="utf-8")
+    try:
+        text = assemble(extensions)
+    except RuntimeError as e:
+        warnings.warn(f"{directory.name}: no {MODULE_FILE} ({e}); the export loads with dit-graft only", stacklevel=2)
+        return False
+    (directory / MODULE_FILE).write_text(text, encoding="utf-8")
     config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
     config["auto_map"] = dict(AUTO_MAP)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
 
 
 _TEMPLATE = '''\

@@ -18,6 +18,7 @@ import os
 import runpy
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,20 @@ def test_an_operator_registered_outside_dit_graft_is_embedded_too(tmp_path):
     got = load_file(str(tmp_path / "results-auto" / f"{family_name}-toy_uniform.safetensors"))["output"]
     assert torch.equal(got, load_file(str(out / "verify.safetensors"))["output"])
     assert report.pop("_dit_graft_modules") == []
+
+
+def test_an_operator_without_a_source_file_exports_for_dit_graft_only(tmp_path):
+    """Registered from a notebook cell (no file to embed): the export still succeeds, without the modeling file."""
+    module = types.ModuleType("toy_operator_cell")
+    sys.modules["toy_operator_cell"] = module
+    try:
+        exec(compile(TOY, "<cell>", "exec"), module.__dict__)
+        _, graft_plan, student = _first_student("toy_uniform", ["dit"])
+        with pytest.warns(UserWarning, match="no modeling_dit_graft.py .*toy_operator_cell"):
+            out = export(student, graft_plan, {}, tmp_path / "toy")
+        assert not (out / standalone.MODULE_FILE).exists()
+        assert "auto_map" not in json.loads((out / "config.json").read_text())
+        assert type(dit_graft.from_pretrained(out)).__name__ == graft_plan.base_class  # dit-graft still loads it
+    finally:
+        OPERATORS.unregister("toy_uniform")
+        sys.modules.pop("toy_operator_cell", None)
