@@ -84,6 +84,8 @@ def runtime_sources(extensions: tuple[str, ...] = ()) -> dict[str, tuple[bool, s
     sources: dict[str, tuple[bool, str]] = {}
     todo = list(ROOTS)
     for name in extensions:
+        if name == "__main__":  # embedding a script would run all of it at every load
+            raise RuntimeError("an operator or family defined in the __main__ script cannot be embedded")
         module = sys.modules.get(name)
         origin = getattr(module, "__file__", None)
         if origin is None or not origin.endswith(".py"):
@@ -129,7 +131,7 @@ def private_name(sources: dict[str, tuple[bool, str]]) -> str:
 
 
 def rename(source: str, package: str, where: str) -> str:
-    """`source` with the package renamed in its import statements; refuses any other absolute reference left."""
+    """`source` with the package renamed in its import statements; raises where an import of it was left unrenamed."""
     out = _IMPORT.sub(lambda m: m.group(1) + package, source)
     for node in ast.walk(ast.parse(out, where)):
         names = []
