@@ -292,6 +292,7 @@ def convert_experts(recipe: Recipe, out: Path | None, *, base_dir: Path | None =
     for sub, one, teacher in loaded:
         done = convert(one, None if out is None else out / sub, base_dir=base_dir, teacher=teacher, **kwargs)
         metrics[sub] = done.metrics
+        nn.Module.to(teacher, "cpu")  # off the device while the next expert converts (it joins its pool sampling)
     if out is not None and dist.current().main:
         index = {"subfolders": experts.subfolders, "boundary_ratio": experts.boundary}
         (out / "experts.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -299,14 +300,28 @@ def convert_experts(recipe: Recipe, out: Path | None, *, base_dir: Path | None =
     return done
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM, the high-water mark of its own address space (Linux).
+
+    Not getrusage's ru_maxrss: Linux carries a process's peak across fork and exec, so a process started by a
+    large parent (a test runner, a launcher) would report the parent's size as its own peak.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere (macOS reports bytes: close enough)
+
+
 def _peak_memory_mb(dev: torch.device) -> float:
     """The largest peak over the ranks: CUDA's max_memory_allocated, else the process's peak resident memory."""
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+        peak = peak_rss_bytes() / 2**20
     value = torch.tensor([peak], dtype=torch.float64)
     if dist.current().distributed:
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)

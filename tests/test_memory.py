@@ -73,7 +73,6 @@ def _rss() -> int:
 def _train_probe(name: str, steps: int = 2) -> dict:
     """Runs in a fresh process: builds teacher and student, trains `steps` steps, returns peak − baseline RSS."""
     import copy
-    import resource
 
     import torch
     from diffusers import DiTTransformer2DModel
@@ -82,6 +81,7 @@ def _train_probe(name: str, steps: int = 2) -> dict:
 
     from dit_graft.families import family_for
     from dit_graft.memory import scope_of, touched_modules
+    from dit_graft.pipeline import peak_rss_bytes
     from dit_graft.plan import apply, plan
 
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def _train_probe(name: str, steps: int = 2) -> dict:
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()  # VmHWM: ru_maxrss would carry pytest's own size across fork and exec
     return {"measured": peak - baseline, "baseline": baseline, "trainable": sum(p.numel() for p in trainable)}
 
 
