@@ -254,3 +254,23 @@ def test_an_operator_without_a_source_file_exports_for_dit_graft_only(tmp_path):
     finally:
         OPERATORS.unregister("toy_uniform")
         sys.modules.pop("toy_operator_cell", None)
+
+
+def test_a_hub_id_goes_through_huggingface_hub_and_unknown_arguments_are_refused(exports, monkeypatch):
+    """The hub branch (no network here: snapshot_download answers with the local export) and the argument check."""
+    import huggingface_hub
+
+    directory = exports["dit-linear"]
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(directory.parent)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loader = runpy.run_path(str(directory / standalone.MODULE_FILE))["DitGraftStudent"]
+    model = loader.from_pretrained("someone/student", subfolder=directory.name, revision="main", token=None)
+    assert calls == [("someone/student", {"allow_patterns": [f"{directory.name}/*"], "revision": "main"})]
+    assert torch.equal(model.pos_embed.proj.weight, dit_graft.from_pretrained(directory).pos_embed.proj.weight)
+    with pytest.raises(TypeError, match="unsupported argument\\(s\\) low_cpu_mem_usage"):
+        loader.from_pretrained(directory, low_cpu_mem_usage=False)
