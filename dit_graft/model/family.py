@@ -141,9 +141,9 @@ class Family(abc.ABC):
         """A model-card line on what the stock diffusers class cannot express; None: nothing to say."""
         return None
 
+    @abc.abstractmethod
     def tiny_config(self) -> dict[str, Any]:
         """The config of a tiny model of this family (contract tests; runs on a CPU in milliseconds)."""
-        raise NotImplementedError(f"the {self.name} family has no tiny config")
 
     def tiny_inputs(self, model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, Any]:
         """Seeded random forward kwargs for a tiny model (contract tests): noise, timesteps and conditions."""

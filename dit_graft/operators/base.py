@@ -13,6 +13,7 @@ operator module imports another.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -220,7 +221,7 @@ def key_bias(key_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if key_mask is None else key_mask[:, None, None, :]
 
 
-class MaskedCore(AttentionCore):
+class MaskedCore(AttentionCore, abc.ABC):
     """Exact softmax with a boolean mask over the image pairs (`image_mask(layout, device)`), CLEAR's rule with text.
 
     Masks are cached per key (layout, device); `image_mask` returning None means every image key is visible.
@@ -230,8 +231,9 @@ class MaskedCore(AttentionCore):
         super().__init__(options)
         self._masks: dict[tuple, torch.Tensor | None] = {}
 
+    @abc.abstractmethod
     def image_mask(self, layout: TokenLayout, device: torch.device) -> torch.Tensor | None:
-        raise NotImplementedError
+        """The (N, N) boolean mask of the image keys each image query sees; None when it sees them all."""
 
     def mask_key(self, layout: TokenLayout) -> tuple:
         return (layout.text, layout.grid, layout.image)
