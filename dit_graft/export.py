@@ -173,6 +173,8 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     model = build_from_config({**config, **graft_plan.base_config} if graft_plan is not None else config)
     if graft_plan is not None:
         model = apply(model, graft_plan, inplace=True)
-        model = model.to(DTYPES[graft.get("dtype", "float32")])
+        # every tensor was written in the export dtype (modules diffusers keeps in fp32 included), so reload it so;
+        # nn.Module.to: ModelMixin.to warns about _keep_in_fp32_modules even when that list is empty
+        model = nn.Module.to(model, DTYPES[graft.get("dtype", "float32")])
     load_weights(model, directory)
     return model.to(device).eval()
