@@ -50,9 +50,7 @@ def _run(attn: Attention, processor, x: torch.Tensor) -> torch.Tensor:
         return attn(x)
 
 
-def _sla(
-    dim_head: int, options: SlaOptions, proj_l_seed: int | None = None, dtype=torch.float32
-):
+def _sla(dim_head: int, options: SlaOptions, proj_l_seed: int | None = None, dtype=torch.float32):
     """An sla processor; with a seed, proj_l is set to random weights (as after fine-tuning)."""
     processor = grafted(SlaCore(dim_head, options)).to(dtype)
     if proj_l_seed is not None:

@@ -3,7 +3,6 @@
 `dit_graft.pipeline.convert` runs both, and everything around them, for a whole conversion.
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
