@@ -165,7 +165,7 @@ def from_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
     if not path.exists():
         raise IntegrityError(f"{path}: no such directory")
     directory = model_dir(path)
-    config = {k: v for k, v in read_config(directory).items() if k != "auto_map"}  # dit_graft.standalone's entry
+    config = read_config(directory)  # build_from_config leaves out loading entries (auto_map)
     safetensors_files(directory)  # a config-only directory fails here, before a possibly huge model is built
     graft = read_graft(directory)
     graft_plan = None if graft is None else GraftPlan.model_validate(graft["plan"])

@@ -27,9 +27,14 @@ def model_class(class_name: str) -> type:
     return cls
 
 
+# config.json entries that are about loading, not the architecture (an export's `auto_map` for stock diffusers)
+LOADING_KEYS = ("auto_map",)
+
+
 def build_from_config(config: dict[str, Any], meta: bool = False) -> nn.Module:
     """Instantiates the config's diffusers class with random weights, or on the meta device."""
     cls = model_class(config["_class_name"])
+    config = {k: v for k, v in config.items() if k not in LOADING_KEYS}
     if meta:
         with init_empty_weights(include_buffers=True):
             return cls.from_config(config)
@@ -40,6 +45,7 @@ def build_without_weights(config: dict[str, Any], meta: bool = False) -> nn.Modu
     """The config's model with its parameters on the meta device (to be assigned); buffers computed for real,
     unless `meta` (a dry run: everything on meta)."""
     cls = model_class(config["_class_name"])
+    config = {k: v for k, v in config.items() if k not in LOADING_KEYS}
     with init_empty_weights(include_buffers=meta):
         return cls.from_config(config)
 
