@@ -246,8 +246,7 @@ def test_scopes_match_the_trainer(tiny_dit_dir, scope):
     shared = share_frozen(teacher, student)
     prof = profile(load_model(tiny_dit_dir, meta=True), graft_plan, recipe)
     assert prof.scopes[scope].trainable == chosen.count
-    if scope != "lora":  # the plan shares LoRA's frozen base weights (the spec); the trainer's peft-renamed
-        assert prof.scopes[scope].shared == shared  # `base_layer` weights are not shared yet (share_frozen is by name)
+    assert prof.scopes[scope].shared == shared
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str, str]:

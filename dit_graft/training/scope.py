@@ -152,14 +152,15 @@ def select(teacher: nn.Module, student: nn.Module, target_list: list[Target], cf
 def share_frozen(teacher: nn.Module, student: nn.Module) -> int:
     """Makes every frozen student parameter equal to the teacher's same-named one *be* that tensor.
 
-    Returns the number of parameters (elements) now shared. Call before casting either model.
+    A LoRA-wrapped layer's frozen weight (peft names it `…<layer>.base_layer.weight`) is the teacher's
+    `…<layer>.weight`. Returns the number of parameters (elements) now shared. Call before casting either model.
     """
     teacher_params = dict(teacher.named_parameters())
     shared = 0
     for name, p in list(student.named_parameters()):
         if p.requires_grad:
             continue
-        t = teacher_params.get(name)
+        t = teacher_params.get(name.replace(".base_layer.", "."))
         if t is None or t is p or t.shape != p.shape or t.dtype != p.dtype or not torch.equal(t, p):
             continue
         module_path, _, attr = name.rpartition(".")
