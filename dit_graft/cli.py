@@ -7,12 +7,13 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from dit_graft.cost import model_cost
 from dit_graft.errors import DitGraftError, InputError, IntegrityError, RecipeError
 
 app = typer.Typer(
@@ -87,75 +88,6 @@ def _plan_meta(model, recipe):
     for note in notes:
         console.print(f"[yellow]note[/yellow]: {note}")
     return _plan(model, recipe)
-
-
-def _cost(model, resolution: int | None = None) -> dict[str, Any]:
-    """Parameters and forward FLOPs per image (total and per attention site), on the model's device.
-
-    FlopCounterMode measures the forward (`count_flops`); then every attention site whose processor has a
-    FLOP formula (`attention_core_flops`: the operator's `Operator.flops`, composed the CLEAR way with a text
-    prefix, softmax's for diffusers' processors) reports its q/k/v/out projections as measured plus the
-    formula's attention core, and is listed in `attention_formula`; the total is corrected to match.
-    Measuring is not enough there: the PyTorch paths of masked and sparse attention compute densely where
-    their kernels skip work. Other sites (PixArt's cross-attention, a call whose token counts are unknown)
-    report FlopCounterMode's measurement.
-    """
-    from torch import nn
-
-    from dit_graft.families import count_flops, family_for, param_count
-    from dit_graft.operators.base import attention_core_flops
-
-    family = family_for(model)
-    device = next(model.parameters()).device
-    sites = [s for s in family.sites(model) if s.kind == "attention"]
-    calls: dict[str, list[tuple[int, int] | None]] = {s.path: [] for s in sites}
-
-    def record(site):
-        def hook(module, args, kwargs):
-            calls[site.path].append(site.call_tokens(args, kwargs))  # (image tokens, text tokens), by the adapter
-
-        return hook
-
-    hooks = [model.get_submodule(s.path).register_forward_pre_hook(record(s), with_kwargs=True) for s in sites]
-    try:
-        total, per_module = count_flops(model, family.example_inputs(model, 1, resolution, device))
-    finally:
-        for h in hooks:
-            h.remove()
-    attn, formula = {}, []
-    for site in sites:  # formulas read the token grid the forward recorded
-        module = model.get_submodule(site.path)
-        measured = per_module.get(site.path, 0)
-        attn[site.path] = measured
-        processor = getattr(module, "processor", None)
-        cores = [None if c is None else attention_core_flops(processor, site, *c) for c in calls[site.path]]
-        if not cores or None in cores:
-            continue
-        projections = sum(
-            per_module.get(f"{site.path}.{name}", 0)
-            for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and not name.startswith("processor")
-        )
-        attn[site.path] = projections + sum(cores)
-        total += attn[site.path] - measured
-        formula.append(site.path)
-    params = param_count(model)
-    return {
-        "params": params,
-        "activated_params": params - _routed_unused(model),
-        "flops": total,
-        "attention_flops": attn,
-        "attention_formula": formula,
-    }
-
-
-def _routed_unused(model) -> int:
-    """Parameters a token does not use: those of routed modules (`activated_parameters`) beyond what they activate."""
-    return sum(
-        sum(p.numel() for p in m.parameters()) - m.activated_parameters()
-        for m in model.modules()
-        if callable(getattr(m, "activated_parameters", None))
-    )
 
 
 def _print_plan(graft_plan, before: dict, after: dict) -> None:
@@ -276,7 +208,7 @@ def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None, device=
     # without --resolution, a family may name the sizes its costs are quoted at (Wan: 480p and 720p × 81 frames)
     named = {} if pixels else getattr(family_for(model), "cost_sizes", lambda _: {})(model)
     sizes = [px // scale for px in pixels] if pixels else list(named.values()) or [None]
-    costs = [(_cost(model, size), _cost(student, size)) for size in sizes]
+    costs = [(model_cost(model, size), model_cost(student, size)) for size in sizes]
     labels = [str(px) for px in pixels] or list(named)
     out_console.print("[bold]resolved recipe[/bold]")
     out_console.print(yaml.safe_dump(recipe.model_dump(), sort_keys=False).rstrip())
@@ -417,7 +349,6 @@ def _convert(recipe, recipe_path: Path, out_dir: Path, resume: bool) -> None:
             resume=resume,
             progress=(lambda description: _reporter(progress, description)) if main else None,
             log=console.print,
-            cost=_cost,
         )
     if main:
         out_console.print(f"exported {out_dir} in {done.metrics['seconds']}s (final loss {done.metrics['final_loss']})")
@@ -458,7 +389,7 @@ def plan_(
     with _progress() as progress:
         resolved, selections = _choose_layers(teacher, recipe, work_dir, progress)
     graft_plan = _plan(teacher, resolved)
-    _print_plan(graft_plan, _cost(teacher), _cost(apply(teacher, graft_plan)))
+    _print_plan(graft_plan, model_cost(teacher), model_cost(apply(teacher, graft_plan)))
     memory = _memory(teacher, graft_plan, resolved, device, processes)
     _print_memory(memory)
     files = {
@@ -535,7 +466,7 @@ def inspect(
         graft = read_graft(model_dir(src))
     model = from_pretrained(src) if graft is not None else load_model(src, meta=True)
     family = family_for(model)
-    cost = _cost(model, resolution)
+    cost = model_cost(model, resolution)
     ops = graft["operators"] if graft else {}
     sites = []
     for s in family.sites(model):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_graft.cost import model_cost
 from dit_graft.errors import InputError, RecipeError
 from dit_graft.families import family_for, param_count
 from dit_graft.plan import GraftPlan, apply, plan
@@ -138,7 +139,6 @@ def convert(
     work_dir: Path | None = None,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
-    cost: Callable[[nn.Module], dict[str, Any]] | None = None,
     pool: dict[str, torch.Tensor] | None = None,
     after_apply: Callable[[nn.Module, GraftPlan], None] | None = None,
 ) -> Conversion:
@@ -146,13 +146,13 @@ def convert(
 
     Without `out` nothing is exported (the student is returned); `work_dir` defaults to `out`'s hidden
     `.NAME.work` sibling, removed after the export. `progress(description)` returns a report callback;
-    `log` receives one-line notes; `cost(model)` (parameters and FLOPs per image, the CLI's) adds the
-    teacher's and student's FLOPs to the metrics. Sweeps may pass the training `pool` they share between
+    `log` receives one-line notes; the teacher's and student's parameters and FLOPs per image
+    (`dit_graft.cost.model_cost`) go into the metrics. Sweeps may pass the training `pool` they share between
     conversions, and `after_apply(student, plan)` to change the student before it trains (e.g. re-initialise
     it). Everything the run writes is written by the main process.
     """
     if recipe.model.experts is not None and teacher is None:
-        return convert_experts(recipe, out, base_dir=base_dir, resume=resume, progress=progress, log=log, cost=cost)
+        return convert_experts(recipe, out, base_dir=base_dir, resume=resume, progress=progress, log=log)
     t0 = time.perf_counter()
     procs = dist.init()
     say = log if (log is not None and procs.main) else (lambda _msg: None)
@@ -182,7 +182,7 @@ def convert(
     student = apply(teacher, graft_plan)
     if after_apply is not None:
         after_apply(student, graft_plan)
-    before, after = (cost(teacher), cost(student)) if cost is not None else ({}, {})
+    before, after = model_cost(teacher), model_cost(student)
     ratio = ""
     if before:
         attn_b, attn_a = sum(before["attention_flops"].values()), sum(after["attention_flops"].values())

@@ -11,7 +11,7 @@ from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 import dit_graft
-from dit_graft.cli import _cost
+from dit_graft.cost import model_cost
 from dit_graft.errors import IntegrityError, RecipeError
 from dit_graft.export import export
 from dit_graft.families import count_flops, family_for
@@ -191,7 +191,7 @@ def test_local_processor_masks_the_clear_pattern_and_counts_only_kept_pairs():
     expected = torch.tensor([[1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(mask[5:8, 5:], expected)  # radius 1.2: self and the 4-neighbours
     # FLOPs: the dense SDPA the CPU path runs is replaced by the kept pairs only
-    before, after = _cost(teacher.to("meta"), 8), _cost(student.to("meta"), 8)  # 4x4 image tokens, 512 text tokens
+    before, after = model_cost(teacher.to("meta"), 8), model_cost(student.to("meta"), 8)  # 4x4 image, 512 text tokens
     _, measured = count_flops(student, family_for(student).example_inputs(student, 1, 8, "meta"))
     text, n, c = 512, 16, 16
     pairs_kept = text * (text + n) + n * text + 16 + 2 * 24  # image-image pairs: 16 self + 2 per grid edge

@@ -11,7 +11,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from safetensors.torch import save_file
 
 import dit_graft
-from dit_graft.cli import _cost
+from dit_graft.cost import model_cost
 from dit_graft.errors import InputError, IntegrityError
 from dit_graft.export import export
 from dit_graft.families import family_for
@@ -150,7 +150,7 @@ def test_cost_counts_the_text_rows_and_the_operators_image_work(op, options):
     teacher = tiny_flux().to("meta")
     edits = [{"site": "attention", "group": g, "op": op, "options": options} for g in ("double", "single")]
     student = apply(teacher, plan(teacher, _recipe(edits)))
-    before, after = _cost(teacher, 16), _cost(student, 16)  # 8x8 image tokens, 512 text tokens
+    before, after = model_cost(teacher, 16), model_cost(student, 16)  # 8x8 image tokens, 512 text tokens
     n, c = 64, 16
     operator = OPERATORS.get(op)
     site = family_for(student).site_map(student)["transformer_blocks.0.attn"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import dit_graft
-from dit_graft.cli import _cost
+from dit_graft.cost import model_cost
 from dit_graft.errors import RecipeError
 from dit_graft.export import export
 from dit_graft.families import family_for
@@ -366,7 +366,7 @@ def test_cost_reports_the_formula_and_the_saving_on_the_meta_device(tmp_path, op
     with torch.device("meta"):
         teacher = DiTTransformer2DModel(**{**TINY_DIT, "sample_size": 16})  # an 8x8 grid: 64 tokens
     student = apply(teacher, plan(teacher, _recipe(tmp_path, "attention", op, options)))
-    before, after = _cost(teacher), _cost(student)
+    before, after = model_cost(teacher), model_cost(student)
     _, measured = count_flops(teacher, family_for(teacher).example_inputs(teacher, 1, None, "meta"))
     paths = [f"transformer_blocks.{i}.attn1" for i in range(2)]
     assert before["attention_formula"] == after["attention_formula"] == paths
@@ -381,7 +381,7 @@ def test_cost_of_softmax_on_the_cpu_is_its_cost_on_the_meta_device():
     teacher = tiny_dit()
     with torch.device("meta"):
         on_meta = DiTTransformer2DModel(**TINY_DIT)
-    assert _cost(teacher)["attention_flops"] == _cost(on_meta)["attention_flops"]
+    assert model_cost(teacher)["attention_flops"] == model_cost(on_meta)["attention_flops"]
 
 
 def test_dry_run_marks_formula_counts_and_shows_the_saving(tmp_path, tiny_dit_dir, write_recipe, capsys):

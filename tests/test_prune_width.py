@@ -10,7 +10,7 @@ from diffusers import DiTTransformer2DModel
 from pydantic import ValidationError
 
 import dit_graft
-from dit_graft.cli import _cost
+from dit_graft.cost import model_cost
 from dit_graft.errors import RecipeError
 from dit_graft.export import export
 from dit_graft.families import family_for
@@ -118,7 +118,7 @@ def test_dry_run_costs_drop_by_the_pruned_units(tmp_path, tiny_dit_dir, write_re
     with torch.device("meta"):
         teacher = DiTTransformer2DModel(**TINY_DIT)
     student = apply(teacher, plan(teacher, _recipe({"keep": 0.25}, layers=[1])))
-    before, after = _cost(teacher), _cost(student)
+    before, after = model_cost(teacher), model_cost(student)
     pruned, tokens = HIDDEN - 16, 16  # one FFN loses 48 units; 4x4 tokens per image
     assert before["params"] - after["params"] == pruned * (DIM + 1 + DIM)  # fc1 row + bias, fc2 column
     assert before["flops"] - after["flops"] == 2 * tokens * pruned * (DIM + DIM)  # fc1 and fc2 matmuls
