@@ -88,10 +88,9 @@ def test_frozen_parameters_are_the_teachers_tensors_without_gradients_or_optimiz
     # train without exporting: the work directory keeps the checkpoints
     teacher = tiny_dit()
     convert(recipe, None, teacher=teacher, work_dir=tmp_path / "work")
-    saved = torch.load(
-        tmp_path / "work" / "checkpoints" / "end_to_end" / "step-00000002" / "trainer.pt", weights_only=True
-    )
-    weights = load_file(tmp_path / "work" / "checkpoints" / "end_to_end" / "step-00000002" / "student.safetensors")
+    ckpt = tmp_path / "work" / "checkpoints" / "end_to_end" / "step-00000002"
+    saved = torch.load(ckpt / "trainer.pt", weights_only=True)
+    weights = load_file(ckpt / "student.safetensors")
     assert set(saved["optimizer"]["state"]) == set(weights) and all(".attn1." in k for k in weights)
 
 
