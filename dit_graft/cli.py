@@ -206,7 +206,7 @@ def _dry_run(recipe, recipe_path: Path, pixels: list[int] | None = None, device=
                 f"(a multiple of {scale * _latent_multiple(model)} px)"
             )
     # without --resolution, a family may name the sizes its costs are quoted at (Wan: 480p and 720p × 81 frames)
-    named = {} if pixels else getattr(family_for(model), "cost_sizes", lambda _: {})(model)
+    named = {} if pixels else family_for(model).cost_sizes(model)
     sizes = [px // scale for px in pixels] if pixels else list(named.values()) or [None]
     costs = [(model_cost(model, size), model_cost(student, size)) for size in sizes]
     labels = [str(px) for px in pixels] or list(named)

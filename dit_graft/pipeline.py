@@ -282,8 +282,6 @@ def convert_experts(recipe: Recipe, out: Path | None, *, base_dir: Path | None =
         check_family(teacher)
         loaded.append((sub, one, teacher))
     family = family_for(loaded[0][2])
-    if not hasattr(family, "link_experts"):
-        raise RecipeError(f"model.experts: the {family.name} family has no timestep experts")
     try:
         family.link_experts([teacher for *_, teacher in loaded], experts.boundary)
     except ValueError as e:

@@ -137,6 +137,16 @@ class Family(abc.ABC):
             raise ValueError(f"the {self.name} family has no runtime options (got {sorted(options)})")
         return model
 
+    def cost_sizes(self, model: nn.Module) -> dict[str, Any]:
+        """Label → latent size a dry run costs when no --resolution is given (Wan: 480p and 720p × 81 frames);
+        empty: the model's own size."""
+        return {}
+
+    def link_experts(self, experts: list[nn.Module], boundary: float) -> None:
+        """Makes timestep experts (high noise first) one teacher, split at `boundary` (`model.experts`); a family
+        without timestep experts refuses with ValueError."""
+        raise ValueError(f"the {self.name} family has no timestep experts")
+
     def runtime_note(self, options: dict[str, Any]) -> str | None:
         """A model-card line on what the stock diffusers class cannot express; None: nothing to say."""
         return None
