@@ -182,12 +182,23 @@ def _tiny_vae():
     ).eval()
 
 
-def _pipeline(transformer):
+def _pipeline(transformer, shift: float = 3.0, **extra):
+    """WanPipeline around `transformer` with the tiny VAE and UniPC at `shift` (extra: transformer_2, ...)."""
     from diffusers import WanPipeline
 
     return WanPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(), transformer=transformer
+        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(shift), transformer=transformer, **extra
     )
+
+
+def _generate(pipe, embeds, negative="zeros", **kwargs):
+    """The pipeline's frames for a 32×48 video of 9 frames (kwargs override), with zero negative captions by default
+    (None: no negative captions)."""
+    if negative == "zeros":
+        negative = torch.zeros(1, 512, TINY_WAN["text_dim"])
+    if negative is not None:
+        kwargs["negative_prompt_embeds"] = negative
+    return pipe(prompt_embeds=embeds, **{"height": 32, "width": 48, "num_frames": 9, **kwargs}).frames
 
 
 def test_sampler_is_wan_pipelines_denoising_loop():
@@ -197,17 +208,15 @@ def test_sampler_is_wan_pipelines_denoising_loop():
     embeds = torch.randn(2, 512, TINY_WAN["text_dim"], generator=g)
     negative = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
     ours = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=4, cfg=5.0, null={"prompt_embeds": negative})
-    theirs = _pipeline(model)(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=negative.expand(2, -1, -1),
+    theirs = _generate(
+        _pipeline(model),
+        embeds,
+        negative.expand(2, -1, -1),
         latents=latents,
-        height=32,
-        width=48,
-        num_frames=9,
         num_inference_steps=4,
         guidance_scale=5.0,
         output_type="latent",
-    ).frames
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     plain = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=4)
     assert not torch.allclose(plain, ours)
@@ -257,20 +266,12 @@ def test_tiny_wan_converts_end_to_end_and_runs_in_wan_pipeline(tmp_path, write_r
     with torch.no_grad():
         assert torch.equal(student(**_inputs())[0], again(**_inputs())[0])
     g = torch.Generator().manual_seed(0)
-    video = _pipeline(student)(
-        prompt_embeds=torch.randn(1, 512, TINY_WAN["text_dim"], generator=g),
-        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
-        height=32,
-        width=48,
-        num_frames=9,
-        num_inference_steps=2,
-        output_type="np",
-    ).frames
+    embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
+    video = _generate(_pipeline(student), embeds, num_inference_steps=2, output_type="np")
     assert video.shape == (1, 9, 32, 48, 3) and torch.isfinite(torch.from_numpy(video)).all()
 
 
 def test_linked_a14b_experts_sample_as_wan_pipeline_with_transformer_2():
-    from diffusers import WanPipeline
 
     high, low = tiny_wan(seed=1), tiny_wan(seed=2)
     link_experts(high, low, 0.875)
@@ -279,33 +280,21 @@ def test_linked_a14b_experts_sample_as_wan_pipeline_with_transformer_2():
     latents = torch.randn(1, 4, 3, 4, 6, generator=g)
     embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
     ours = WAN.sample(low, latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0)  # either expert samples the pair
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=_tiny_vae(),
-        scheduler=scheduler(),
-        transformer=high,
-        transformer_2=low,
-        boundary_ratio=0.875,
-    )
-    theirs = pipe(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
+    pipe = _pipeline(high, transformer_2=low, boundary_ratio=0.875)
+    theirs = _generate(
+        pipe,
+        embeds,
         latents=latents,
-        height=32,
-        width=48,
-        num_frames=9,
         num_inference_steps=4,  # timesteps 1000, 900 (high), 750, 500 (low)
         guidance_scale=4.0,
         output_type="latent",
-    ).frames
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     alone = WAN.sample(tiny_wan(seed=2), latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0)
     assert not torch.allclose(alone, ours)
 
 
 def test_one_recipe_converts_both_a14b_experts(tmp_path, write_recipe, capsys):
-    from diffusers import WanPipeline
 
     for sub, seed in (("transformer", 1), ("transformer_2", 2)):
         tiny_wan(seed=seed).save_pretrained(tmp_path / "teacher" / sub)
@@ -325,19 +314,9 @@ def test_one_recipe_converts_both_a14b_experts(tmp_path, write_recipe, capsys):
     assert high.blocks[0].ffn.net[2].in_features == low.blocks[0].ffn.net[2].in_features == 12
     recipe = json.loads((tmp_path / "student" / "transformer_2" / "graft.json").read_text())["recipe"]
     assert recipe["model"]["subfolder"] == "transformer_2" and recipe["model"]["experts"] is None
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(), transformer=high,
-        transformer_2=low, boundary_ratio=index["boundary_ratio"],
-    )  # fmt: skip
-    video = pipe(
-        prompt_embeds=torch.randn(1, 512, TINY_WAN["text_dim"]),
-        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
-        height=32,
-        width=48,
-        num_frames=5,
-        num_inference_steps=4,
-        output_type="np",
-    ).frames
+    pipe = _pipeline(high, transformer_2=low, boundary_ratio=index["boundary_ratio"])
+    embeds = torch.randn(1, 512, TINY_WAN["text_dim"])
+    video = _generate(pipe, embeds, num_frames=5, num_inference_steps=4, output_type="np")
     assert video.shape == (1, 5, 32, 48, 3) and torch.isfinite(torch.from_numpy(video)).all()
 
 
@@ -406,27 +385,16 @@ def test_a_linked_partner_samples_in_the_experts_dtype_and_keeps_its_own_weights
 
 
 def test_per_token_timesteps_of_ti2v_equal_one_per_sample_for_text_to_video():
-    from diffusers import WanPipeline
 
     model = tiny_wan()
     g = torch.Generator().manual_seed(7)
     latents = torch.randn(1, 4, 3, 4, 6, generator=g)
     embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
     ours = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=3)
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(), transformer=model,
-        expand_timesteps=True,  # Wan2.2 TI2V-5B's pipeline: a timestep per token
-    )  # fmt: skip
-    theirs = pipe(
-        prompt_embeds=embeds,
-        latents=latents,
-        height=32,
-        width=48,
-        num_frames=9,
-        num_inference_steps=3,
-        guidance_scale=1.0,
-        output_type="latent",
-    ).frames
+    pipe = _pipeline(model, expand_timesteps=True)  # Wan2.2 TI2V-5B's pipeline: a timestep per token
+    theirs = _generate(
+        pipe, embeds, None, latents=latents, num_inference_steps=3, guidance_scale=1.0, output_type="latent"
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -504,27 +472,14 @@ def test_each_bundled_config_samples_with_its_released_flow_shift_and_guidance()
 
 @pytest.mark.parametrize("shift", [3.0, 5.0, 12.0])
 def test_sampler_is_wan_pipeline_with_unipc_at_the_models_flow_shift(shift):
-    from diffusers import WanPipeline
 
     model = set_sampling(tiny_wan(), flow_shift=shift)
     g = torch.Generator().manual_seed(11)
     latents = torch.randn(1, 4, 3, 4, 6, generator=g)
     embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
     ours = WAN.sample(model, latents, {"prompt_embeds": embeds}, steps=4, cfg=5.0)
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(shift), transformer=model
-    )
-    theirs = pipe(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
-        latents=latents,
-        height=32,
-        width=48,
-        num_frames=9,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        output_type="latent",
-    ).frames
+    pipe = _pipeline(model, shift)
+    theirs = _generate(pipe, embeds, latents=latents, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     if shift != 3.0:  # the shift matters: the default scheduler gives another video
         other = WAN.sample(
@@ -548,7 +503,6 @@ def test_training_noise_uses_the_models_flow_shift():
 
 
 def test_a14b_experts_take_their_own_guidance_scales_as_wan_pipelines_guidance_scale_2():
-    from diffusers import WanPipeline
 
     high, low = tiny_wan(seed=1), tiny_wan(seed=2)
     for model in (high, low):
@@ -558,22 +512,11 @@ def test_a14b_experts_take_their_own_guidance_scales_as_wan_pipelines_guidance_s
     latents = torch.randn(1, 4, 3, 4, 6, generator=g)
     embeds = torch.randn(1, 512, TINY_WAN["text_dim"], generator=g)
     ours = WAN.sample(high, latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0)
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=_tiny_vae(), scheduler=scheduler(12.0), transformer=high,
-        transformer_2=low, boundary_ratio=0.875,
-    )  # fmt: skip
-    theirs = pipe(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=torch.zeros(1, 512, TINY_WAN["text_dim"]),
-        latents=latents,
-        height=32,
-        width=48,
-        num_frames=9,
-        num_inference_steps=4,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
+    pipe = _pipeline(high, 12.0, transformer_2=low, boundary_ratio=0.875)
+    theirs = _generate(
+        pipe, embeds, latents=latents, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=3.0,
         output_type="latent",
-    ).frames
+    )  # fmt: skip
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     same = WAN.sample(high, latents, {"prompt_embeds": embeds}, steps=4, cfg=4.0, cfg_2=4.0)
     assert not torch.allclose(same, ours, atol=1e-4)
